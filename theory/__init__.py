@@ -1,0 +1,37 @@
+"""Theory of complexity-aware structure discovery (arXiv 2411.09127): numpy/scipy/sympy only.
+
+Importing :mod:`theory` never imports torch.  See THEORY.md (the specification)
+for the equation numbers cited in every docstring.
+"""
+
+from .architectures import by_name, residual_mlp, resnet1d, resnet50, resnet_cifar
+from .complexity import (
+    BlockGates,
+    Coefficients,
+    ComplexityModel,
+    GateGrads,
+    coefficients_for,
+    ones_gates,
+    reparametrize,
+    validate_gates,
+)
+from .spec import Block, Layer, NetworkSpec
+
+__all__ = [
+    "Block",
+    "BlockGates",
+    "Coefficients",
+    "ComplexityModel",
+    "GateGrads",
+    "Layer",
+    "NetworkSpec",
+    "by_name",
+    "coefficients_for",
+    "ones_gates",
+    "reparametrize",
+    "residual_mlp",
+    "resnet1d",
+    "resnet50",
+    "resnet_cifar",
+    "validate_gates",
+]

@@ -1,0 +1,466 @@
+"""The expected-complexity model: THEORY.md §3, eqs [9]–[13], [18].
+
+This module is the single implementation of expected FLOPs ``E[F]`` [9],
+expected parameters ``E[P]`` [10], the combined complexity ``C(Θ)`` [11], its
+gradients — the effective regularisation ``γ_B``, ``γ_1`` of [12]/[18] — and
+the reparametrisation ``(γ, ρ, δ) -> (α_f, α_p, β)`` of [13].  Everything else
+(the exact objective, the symbolic layer, the torch trainer, reports) imports
+it.
+
+How it works.  Because all gates are independent Bernoulli variables, the
+expected cost of a network is a sum of *terms*
+
+    coef · [θ_B^l] · Π_g ( |θ_g|₁ + o_g )
+
+where each factor is the expected active width of one gate group ``g`` (a
+unit-gate vector ``θ_1``, an output-gate vector ``θ_2``, or a fixed width)
+plus an offset (1 for the bias column), and ``[θ_B^l]`` appears for terms in a
+block's nonlinear path.  Distinct factors of one term always belong to
+distinct groups, so ``C`` is multilinear in every gate (Theorem 3.1) and the
+gradient of a term with respect to any gate of group ``g`` is the product of
+the *other* factors.  :func:`compile_terms` turns a :class:`NetworkSpec` into
+these terms once; evaluation then only needs sums and products, so the same
+code runs on numpy arrays and torch tensors (with leading batch axes), and
+torch autograd through :func:`complexity` agrees with the analytic
+:func:`complexity_grad`.
+
+Counting conventions (§3, "two uses of one model"): with ``elementwise=False``
+the model counts conv + linear multiply–accumulates and parameters including
+BatchNorm affine pairs — the numbers reported and compared with the
+literature.  With ``elementwise=True`` it also charges one operation per
+element for each BatchNorm, activation and residual addition (``c_a``,
+``c_b``, ``c_g`` of [9]), a real hardware cost that keeps ``γ_B > 0`` when
+``β = 0`` (the remark after [26]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .spec import Block, Layer, NetworkSpec
+
+Array = Any  # numpy.ndarray or torch.Tensor; evaluation uses only sum/product/ones_like
+
+# --------------------------------------------------------------------------------------------------
+# Gate groups and gate containers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockGates:
+    """Gate parameters of one block: ``θ_B`` (scalar), ``θ_1`` (one vector per inner layer), ``θ_2``.
+
+    ``None`` means "not gated", i.e. the gates are fixed at 1 (layer-only mode
+    has ``theta_1=None``, unit-only mode ``theta_B=None``).  Arrays may carry
+    leading batch axes: ``theta_B`` of shape ``batch``, vectors of shape
+    ``batch + (n,)``.
+    """
+
+    theta_B: Array | None = None
+    theta_1: tuple[Array | None, ...] | None = None
+    theta_2: Array | None = None
+
+
+Gates = Sequence[BlockGates]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A width factor: ``|θ_g|₁`` for a gated group, or a fixed integer width."""
+
+    kind: str  # "fixed", "unit", "out"
+    block: int = -1
+    index: int = 0
+    width: int = 0  # baseline width (fixed width for kind == "fixed")
+
+
+@dataclass(frozen=True)
+class Term:
+    """``(coef_f, coef_p) · [θ_B^block] · Π (|θ_g|₁ + offset)`` for one cost item.
+
+    ``block`` is the index of the block gate multiplying the term (``None``
+    for terms outside any nonlinear path); ``label`` names the layer the cost
+    belongs to (for per-layer tables, seed Figure 2).
+    """
+
+    coef_f: float
+    coef_p: float
+    block: int | None
+    factors: tuple[tuple[_Group, int], ...]
+    label: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Compilation: NetworkSpec -> terms
+# --------------------------------------------------------------------------------------------------
+
+
+def _layer_terms(
+    layer: Layer,
+    g_in: _Group,
+    g_out: _Group,
+    block: int | None,
+    label: str,
+    elementwise: bool,
+) -> list[Term]:
+    """Weights ([9]'s ``c·n·(m+1)``, [10]'s ``d·n·(m+1)``), BN pairs and element-wise costs of one layer."""
+    terms = [Term(float(layer.c), float(layer.d), block, ((g_in, int(layer.bias)), (g_out, 0)), label)]
+    per_unit_f = (int(layer.bn) + int(layer.act)) * layer.positions if elementwise else 0
+    per_unit_p = 2 * int(layer.bn)
+    if per_unit_f or per_unit_p:
+        terms.append(Term(float(per_unit_f), float(per_unit_p), block, ((g_out, 0),), label))
+    return terms
+
+
+def compile_terms(spec: NetworkSpec, *, elementwise: bool = False) -> tuple[Term, ...]:
+    """Expand ``E[F]`` [9] and ``E[P]`` [10] of ``spec`` into multilinear terms (see module doc)."""
+    terms: list[Term] = []
+    width = spec.input_shape[0] if spec.input_shape else 0
+    g_prev = _Group("fixed", width=width)
+    for s, layer in enumerate(spec.stem):
+        g_next = _Group("fixed", width=layer.out_width)
+        terms += _layer_terms(layer, g_prev, g_next, None, f"stem.{s}", elementwise)
+        g_prev = g_next
+    for l, block in enumerate(spec.blocks):
+        g_out = _Group("out", l, width=block.out_width) if block.out_gated else _Group("fixed", width=block.out_width)
+        b = l if block.gated else None
+        if block.alive:
+            groups = [g_prev] + [_Group("unit", l, j, w) for j, w in enumerate(block.unit_widths)] + [g_out]
+            for j, layer in enumerate(block.path):
+                terms += _layer_terms(layer, groups[j], groups[j + 1], b, f"blocks.{l}.path.{j}", elementwise)
+            if elementwise:  # c_b: the addition of the branch into the skip path, inside ξ_B
+                terms.append(Term(float(block.positions), 0.0, b, ((g_out, 0),), f"blocks.{l}.add"))
+        if block.shortcut_layer is not None:
+            terms += _layer_terms(block.shortcut_layer, g_prev, g_out, None, f"blocks.{l}.shortcut", elementwise)
+        if elementwise and block.out_act:  # c_g: output activation, outside ξ_B
+            terms.append(Term(float(block.positions), 0.0, None, ((g_out, 0),), f"blocks.{l}.out"))
+        g_prev = g_out
+    for h, layer in enumerate(spec.head):
+        g_next = _Group("fixed", width=layer.out_width)
+        terms += _layer_terms(layer, g_prev, g_next, None, f"head.{h}", elementwise)
+        g_prev = g_next
+    return tuple(terms)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gate validation and evaluation helpers (numpy or torch)
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _check_unit_interval(x: Array, name: str) -> None:
+    if _is_torch(x):
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+    else:
+        arr = np.asarray(x, dtype=float)
+        if arr.size == 0:
+            return
+        lo, hi = float(arr.min()), float(arr.max())
+    if not (0.0 <= lo and hi <= 1.0) or math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+
+
+def _last_dim(x: Array) -> int:
+    return int(x.shape[-1]) if getattr(x, "ndim", 0) else -1
+
+
+def validate_gates(spec: NetworkSpec, gates: Gates | None) -> None:
+    """Raise ``ValueError`` naming the offending entry if ``gates`` does not fit ``spec``."""
+    if gates is None:
+        return
+    if len(gates) != len(spec.blocks):
+        raise ValueError(f"gates must have one entry per block ({len(spec.blocks)}), got {len(gates)}")
+    for l, (g, block) in enumerate(zip(gates, spec.blocks)):
+        if not isinstance(g, BlockGates):
+            raise ValueError(f"gates[{l}] must be a BlockGates, got {type(g).__name__}")
+        if g.theta_B is not None:
+            if not (block.gated and block.alive):
+                raise ValueError(f"gates[{l}].theta_B must be None: block {l} has no block gate")
+            _check_unit_interval(g.theta_B, f"gates[{l}].theta_B")
+        if g.theta_1 is not None:
+            if len(g.theta_1) != block.M:
+                raise ValueError(f"gates[{l}].theta_1 must hold {block.M} vectors (M of block {l}), got {len(g.theta_1)}")
+            for j, (t, n) in enumerate(zip(g.theta_1, block.unit_widths)):
+                if t is None:
+                    continue
+                if _last_dim(t) != n:
+                    raise ValueError(f"gates[{l}].theta_1[{j}] must have length {n}, got shape {tuple(t.shape)}")
+                _check_unit_interval(t, f"gates[{l}].theta_1[{j}]")
+        if g.theta_2 is not None:
+            if not block.out_gated:
+                raise ValueError(f"gates[{l}].theta_2 must be None: block {l} has no output gates")
+            if _last_dim(g.theta_2) != block.out_width:
+                raise ValueError(
+                    f"gates[{l}].theta_2 must have length {block.out_width}, got shape {tuple(g.theta_2.shape)}"
+                )
+            _check_unit_interval(g.theta_2, f"gates[{l}].theta_2")
+
+
+def _group_vector(gates: Gates | None, g: _Group) -> Array | None:
+    if gates is None or g.kind == "fixed":
+        return None
+    bg = gates[g.block]
+    if g.kind == "unit":
+        return None if bg.theta_1 is None else bg.theta_1[g.index]
+    return bg.theta_2
+
+
+def _group_value(gates: Gates | None, g: _Group) -> Any:
+    """``|θ_g|₁`` (``E`` of the active width) or the fixed width."""
+    vec = _group_vector(gates, g)
+    return g.width if vec is None else vec.sum(-1)
+
+
+def _block_value(gates: Gates | None, block: int | None) -> Any:
+    if block is None or gates is None or gates[block].theta_B is None:
+        return 1.0
+    return gates[block].theta_B
+
+
+def _term_value(gates: Gates | None, term: Term) -> Any:
+    value: Any = _block_value(gates, term.block)
+    for g, offset in term.factors:
+        value = value * (_group_value(gates, g) + offset)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Public model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """``(α_f, α_p, β)`` of [11], from the user parameters by [13] (see :func:`reparametrize`)."""
+
+    alpha_f: float
+    alpha_p: float
+    beta: float
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_f", "alpha_p", "beta"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"Coefficients.{name} must be a finite number >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class GateGrads:
+    """Gradients of ``C`` per block, laid out like :class:`BlockGates`.
+
+    ``theta_B`` is ``γ_B^l = ∂C/∂θ_B^l``; ``gamma_1[j]`` is ``γ_1^{l,j}`` of
+    [12] (a scalar per inner layer: every unit of a layer shares it), so that
+    ``∂C/∂θ_1,i = θ_B · γ_1``; ``theta_1`` holds those full gradients as
+    vectors (``None`` for ungated layers); ``theta_2`` the gradient for
+    output gates (``None`` if the block has none passed).
+    """
+
+    theta_B: Any
+    gamma_1: tuple[Any, ...]
+    theta_1: tuple[Any, ...]
+    theta_2: Any
+
+
+class ComplexityModel:
+    """Expected FLOPs [9], parameters [10] and complexity [11] of one :class:`NetworkSpec`.
+
+    ``gates=None`` everywhere means "all gates 1", the deterministic network
+    described by the spec itself: ``model.flops()`` is its (baseline) FLOPs.
+    """
+
+    def __init__(self, spec: NetworkSpec, *, elementwise: bool = False) -> None:
+        if not isinstance(spec, NetworkSpec):
+            raise ValueError(f"spec must be a NetworkSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.elementwise = elementwise
+        self.terms = compile_terms(spec, elementwise=elementwise)
+
+    # -- expectations ---------------------------------------------------------------------------
+    def flops(self, gates: Gates | None = None) -> Any:
+        """``Σ_l E[F_l] + F_0 + F_{L+1}``, eq. [9] (multiply–accumulates)."""
+        validate_gates(self.spec, gates)
+        return self._sum(gates, "f")
+
+    def params(self, gates: Gates | None = None) -> Any:
+        """``Σ_l E[P_l] + P_0 + P_{L+1}``, eq. [10]."""
+        validate_gates(self.spec, gates)
+        return self._sum(gates, "p")
+
+    def _sum(self, gates: Gates | None, which: str) -> Any:
+        total: Any = 0.0
+        for t in self.terms:
+            coef = t.coef_f if which == "f" else t.coef_p
+            if coef:
+                total = total + coef * _term_value(gates, t)
+        return total
+
+    def per_layer(self, gates: Gates | None = None) -> dict[str, tuple[float, float]]:
+        """``{layer label: (E[F], E[P])}``, in network order (seed Figure 2)."""
+        validate_gates(self.spec, gates)
+        out: dict[str, list[float]] = {}
+        for t in self.terms:
+            v = float(_term_value(gates, t))
+            acc = out.setdefault(t.label, [0.0, 0.0])
+            acc[0] += t.coef_f * v
+            acc[1] += t.coef_p * v
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    # -- combined complexity and its gradient ---------------------------------------------------
+    def complexity(self, gates: Gates | None, coeffs: Coefficients) -> Any:
+        """``C(Θ) = Σ_l [α_f E[F_l] + α_p E[P_l] + β θ_B^l]``, eq. [11] (constants included)."""
+        validate_gates(self.spec, gates)
+        total: Any = 0.0
+        for t in self.terms:
+            w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p
+            if w:
+                total = total + w * _term_value(gates, t)
+        if coeffs.beta:
+            for l, block in enumerate(self.spec.blocks):
+                if block.gated and block.alive:
+                    total = total + coeffs.beta * _block_value(gates, l)
+        return total
+
+    def grad(self, gates: Gates | None, coeffs: Coefficients) -> list[GateGrads]:
+        """Analytic ``∇_Θ C``: ``γ_B = ∂C/∂θ_B`` and ``γ_1`` with ``∂C/∂θ_1,i = θ_B γ_1``, eqs. [12], [18].
+
+        For a gate group ``g`` the derivative of a term is the product of its
+        other factors (each factor is affine in ``|θ_g|₁`` and no term holds a
+        group twice), so all units of a group share one coefficient.
+        """
+        validate_gates(self.spec, gates)
+        n_blocks = len(self.spec.blocks)
+        dB: list[Any] = [0.0] * n_blocks
+        dU: list[list[Any]] = [[0.0] * b.M for b in self.spec.blocks]  # γ_1 (without θ_B)
+        dU_full: list[list[Any]] = [[0.0] * b.M for b in self.spec.blocks]
+        dO: list[Any] = [0.0] * n_blocks
+        for t in self.terms:
+            w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p
+            if not w:
+                continue
+            values = [_group_value(gates, g) + o for g, o in t.factors]
+            if t.block is not None:
+                prod: Any = w
+                for v in values:
+                    prod = prod * v
+                dB[t.block] = dB[t.block] + prod
+            theta_B = _block_value(gates, t.block)
+            for k, (g, _) in enumerate(t.factors):
+                if g.kind == "fixed":
+                    continue
+                other: Any = w
+                for kk, v in enumerate(values):
+                    if kk != k:
+                        other = other * v
+                if g.kind == "unit":
+                    dU[g.block][g.index] = dU[g.block][g.index] + other
+                    dU_full[g.block][g.index] = dU_full[g.block][g.index] + other * theta_B
+                else:
+                    dO[g.block] = dO[g.block] + other * theta_B
+        grads: list[GateGrads] = []
+        for l, block in enumerate(self.spec.blocks):
+            g = gates[l] if gates is not None else BlockGates()
+            gB = dB[l] + coeffs.beta if (block.gated and block.alive) else None
+            vec1 = tuple(
+                _broadcast(dU_full[l][j], None if g.theta_1 is None else g.theta_1[j]) for j in range(block.M)
+            )
+            vec2 = _broadcast(dO[l], g.theta_2)
+            grads.append(GateGrads(gB, tuple(dU[l]), vec1, vec2))
+        return grads
+
+
+def _broadcast(scalar: Any, like: Array | None) -> Any:
+    """A per-group scalar spread over the group's gates (numpy or torch, batch axes kept); None if ungated."""
+    if like is None:
+        return None
+    ones = like * 0 + 1
+    if getattr(scalar, "ndim", 0):
+        return scalar[..., None] * ones
+    return scalar * ones
+
+
+# --------------------------------------------------------------------------------------------------
+# [13]: user parameters -> coefficients
+# --------------------------------------------------------------------------------------------------
+
+
+def reparametrize(
+    gamma: float,
+    rho: float,
+    delta: float,
+    *,
+    N: int,
+    F_tot: float,
+    P_tot: float,
+    L_b: int,
+) -> Coefficients:
+    """``α_f = γ ρ N L_b / F_tot``, ``α_p = γ (1 − ρ) N L_b / P_tot``, ``β = γ δ N``, eq. [13].
+
+    ``γ > 0`` is the pruning level (price of one average block's cost in units
+    of per-sample loss), ``ρ ∈ [0, 1]`` the FLOPs share, ``δ ≥ 0`` the layer
+    emphasis, ``N`` the number of training samples, ``F_tot``/``P_tot`` the
+    baseline totals and ``L_b`` the number of prunable blocks.
+    """
+    checks = {
+        "gamma": (gamma, lambda v: v > 0, "must be > 0"),
+        "rho": (rho, lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+        "delta": (delta, lambda v: v >= 0, "must be >= 0"),
+        "N": (N, lambda v: v >= 1, "must be a positive sample count"),
+        "F_tot": (F_tot, lambda v: v > 0, "must be > 0"),
+        "P_tot": (P_tot, lambda v: v > 0, "must be > 0"),
+        "L_b": (L_b, lambda v: v >= 1, "must be >= 1 (the network has no prunable block)"),
+    }
+    for name, (value, ok, msg) in checks.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{name} {msg}, got {value!r}")
+    return Coefficients(
+        alpha_f=gamma * rho * N * L_b / F_tot,
+        alpha_p=gamma * (1.0 - rho) * N * L_b / P_tot,
+        beta=gamma * delta * N,
+    )
+
+
+def coefficients_for(
+    spec: NetworkSpec, gamma: float, rho: float, delta: float, *, N: int, elementwise: bool = False
+) -> Coefficients:
+    """[13] with ``F_tot``, ``P_tot``, ``L_b`` read off the baseline ``spec``."""
+    model = ComplexityModel(spec, elementwise=elementwise)
+    return reparametrize(
+        gamma, rho, delta, N=N, F_tot=float(model.flops()), P_tot=float(model.params()), L_b=spec.prunable_blocks
+    )
+
+
+def ones_gates(spec: NetworkSpec, *, block: bool = True, units: bool = True, outputs: bool = True) -> list[BlockGates]:
+    """All-ones gate vectors (numpy) for every gate ``spec`` carries; ``False`` leaves a kind ungated."""
+    out = []
+    for b in spec.blocks:
+        tb = np.array(1.0) if (block and b.gated and b.alive) else None
+        t1 = tuple(np.ones(n) for n in b.unit_widths) if (units and b.alive) else None
+        t2 = np.ones(b.out_width) if (outputs and b.out_gated) else None
+        out.append(BlockGates(tb, t1, t2))
+    return out
+
+
+__all__ = [
+    "Block",
+    "BlockGates",
+    "Coefficients",
+    "ComplexityModel",
+    "GateGrads",
+    "Gates",
+    "Layer",
+    "NetworkSpec",
+    "Term",
+    "coefficients_for",
+    "compile_terms",
+    "ones_gates",
+    "reparametrize",
+    "validate_gates",
+]

@@ -1,0 +1,1 @@
+"""Theorem 3.1 checks (THEORY.md §4)."""
