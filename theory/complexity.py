@@ -160,7 +160,10 @@ def _check_unit_interval(x: Array, name: str) -> None:
     if _is_torch(x):
         lo, hi = float(x.detach().min()), float(x.detach().max())
     else:
-        arr = np.asarray(x, dtype=float)
+        arr = np.asarray(x)
+        if arr.dtype == object:  # symbolic gates (sympy symbols): no numeric range to check
+            return
+        arr = arr.astype(float)
         if arr.size == 0:
             return
         lo, hi = float(arr.min()), float(arr.max())
