@@ -190,7 +190,7 @@ def validate_gates(spec: NetworkSpec, gates: Gates | None) -> None:
             _check_unit_interval(g.theta_B, f"gates[{l}].theta_B")
         if g.theta_1 is not None:
             if len(g.theta_1) != block.M:
-                raise ValueError(f"gates[{l}].theta_1 must hold {block.M} vectors (M of block {l}), got {len(g.theta_1)}")
+                raise ValueError(f"gates[{l}].theta_1 must hold M={block.M} vectors, got {len(g.theta_1)}")
             for j, (t, n) in enumerate(zip(g.theta_1, block.unit_widths)):
                 if t is None:
                     continue
