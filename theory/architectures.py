@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .spec import Block, Layer, NetworkSpec
+from .spec import Block, Layer, LayerKind, NetworkSpec, ShortcutKind
 
 
 def _conv(dim: int, cin: int, cout: int, k: int, size: tuple[int, ...], stride: int = 1, act: bool = True) -> Layer:
-    kind = "conv2d" if dim == 2 else "conv1d"
+    kind: LayerKind = "conv2d" if dim == 2 else "conv1d"
     return Layer(kind, cin, cout, kernel=k, out_size=size, stride=stride, bias=False, bn=True, act=act)
 
 
@@ -24,7 +24,7 @@ def _basic_block(dim: int, cin: int, cout: int, size: tuple[int, ...], stride: i
         _conv(dim, cin, cout, 3, size, stride=stride, act=True),
         _conv(dim, cout, cout, 3, size, act=False),
     )
-    shortcut = "identity" if (cin == cout and stride == 1) else "zero_pad"
+    shortcut: ShortcutKind = "identity" if (cin == cout and stride == 1) else "zero_pad"
     return Block(cin, cout, path, shortcut=shortcut, out_size=size, name=name)
 
 

@@ -369,12 +369,12 @@ class ComplexityModel:
                     dO[g.block] = dO[g.block] + other * theta_B
         grads: list[GateGrads] = []
         for l, block in enumerate(self.spec.blocks):
-            g = gates[l] if gates is not None else BlockGates()
+            bg = gates[l] if gates is not None else BlockGates()
             gB = dB[l] + coeffs.beta if (block.gated and block.alive) else None
             vec1 = tuple(
-                _broadcast(dU_full[l][j], None if g.theta_1 is None else g.theta_1[j]) for j in range(block.M)
+                _broadcast(dU_full[l][j], None if bg.theta_1 is None else bg.theta_1[j]) for j in range(block.M)
             )
-            vec2 = _broadcast(dO[l], g.theta_2)
+            vec2 = _broadcast(dO[l], bg.theta_2)
             grads.append(GateGrads(gB, tuple(dU[l]), vec1, vec2))
         return grads
 
