@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: install, then train the embedded default (MNIST-1D ResNet-1D, combined unit + layer
+# pruning) end to end; the report lands in runs/default/report.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pruning train --config experiments/configs/default.toml --out runs/default "$@"

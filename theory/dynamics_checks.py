@@ -1,0 +1,1 @@
+"""Lemma 1/2 and integrator-agreement checks (THEORY.md §6-§7)."""
