@@ -172,7 +172,8 @@ def test_grad_matches_finite_differences(seed, coeffs, out_gated):
     for j in range(len(values)):
         hi, lo = values.copy(), values.copy()
         hi[j], lo[j] = 1.0, 0.0
-        numeric.append(float(model.complexity(_rebuild(gates, hi), coeffs) - model.complexity(_rebuild(gates, lo), coeffs)))
+        c_hi = model.complexity(_rebuild(gates, hi), coeffs)
+        numeric.append(float(c_hi - model.complexity(_rebuild(gates, lo), coeffs)))
     analytic = []
     for g, gg in zip(gates, grads):
         analytic.append(float(gg.theta_B))
