@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from theory.architectures import ARCHITECTURES, by_name
 from theory.complexity import ComplexityModel
@@ -46,12 +47,141 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_out(args: argparse.Namespace, cfg_out: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    if cfg_out:
+        return Path(cfg_out)
+    stem = Path(args.config).stem if args.config else "default"
+    return Path("runs") / stem
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Algorithm 1 (``pruning.train``); a bad configuration exits with 2 before anything is written."""
+    from .config import ConfigError, load_config
+
+    base = None
+    if args.resume and not args.config:
+        if not args.out:
+            print("error: --resume without --config needs --out DIR (the run to continue)", file=sys.stderr)
+            return 2
+        import torch
+
+        ckpt_path = Path(args.out) / "checkpoint.pt"
+        if not ckpt_path.is_file():
+            print(f"error: --resume: no checkpoint {ckpt_path}", file=sys.stderr)
+            return 2
+        base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
+    try:
+        cfg = load_config(args.config, args.set or (), base=base)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = _default_out(args, cfg.train.out_dir)
+    if not args.resume and (out / "checkpoint.pt").exists():
+        print(f"error: {out} already holds a run (checkpoint.pt); use --resume to continue it or another --out",
+              file=sys.stderr)
+        return 2
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        print(f"error: --resume: no checkpoint {out / 'checkpoint.pt'}", file=sys.stderr)
+        return 2
+
+    from .train import Trainer, TrainingDiverged
+
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume)
+    except ValueError as exc:  # configuration mismatch on resume, model/data problems
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = trainer.fit()
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 1
+    assert report is not None
+    print(
+        f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
+        f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
+        f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s -> {out}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Mean-field accuracy and deterministic FLOPs/parameters of a run's latest checkpoint."""
+    from .objective import CostMeter
+    from .train import evaluate, load_data, load_run, make_loader, resolve_device
+
+    try:
+        cfg, model, ckpt = load_run(args.run, device=args.device)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data = load_data(cfg)
+    split = data.test if args.split == "test" else data.train
+    device = resolve_device(args.device)
+    loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device)
+    loss, acc = evaluate(model, loader, device)
+    spec = model.spec()
+    from .train import build_network
+
+    baseline = build_network(cfg, data.num_classes, tuple(data.input_shape), device="meta").spec()
+    meter = CostMeter(baseline)
+    flops, params = meter.deterministic(spec)
+    fpr, ppr = meter.ratios(spec)
+    record = {
+        "run": str(args.run), "split": args.split, "epoch": ckpt["progress"]["epoch"], "loss": loss, "accuracy": acc,
+        "flops": flops, "params": params, "fPR": fpr, "pPR": ppr, "layers": spec.depth,
+        "blocks_alive": spec.blocks_alive, "baseline_flops": meter.F_tot, "baseline_params": meter.P_tot,
+    }
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"{args.run} (epoch {record['epoch']}), {args.split}: accuracy {acc * 100:.2f} %, loss {loss:.4f}; "
+              f"{_fmt(flops)} FLOPs (fPR {fpr * 100:.1f} %), {_fmt(params)} parameters (pPR {ppr * 100:.1f} %), "
+              f"{spec.depth} layers, {spec.blocks_alive} blocks")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The deterministic network of a run (θ folded into the weights), written by ``pruning.export``."""
+    from .train import export_run, load_run
+
+    try:
+        cfg, model, _ = load_run(args.run)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
+    written = export_run(model, out)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pruning",
         description="Complexity-aware training that prunes units and layers while it trains (arXiv 2411.09127).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="train a network while pruning its units and blocks (Algorithm 1)")
+    p.add_argument("--config", help="TOML configuration (default: the embedded default, MNIST-1D + ResNet-1D)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a configuration value, e.g. --set objective.gamma=0.5 (repeatable)")
+    p.add_argument("--out", help="run directory (default: train.out_dir or runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="accuracy and FLOPs of a run's latest checkpoint (mean-field network)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--json", action="store_true", help="print one JSON record")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("export", help="export a run's deterministic network (θ folded into the weights)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", help="export directory (default: <run>/<export.dir>)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("flops", help="baseline FLOPs (conv+linear MACs) and parameters of an architecture")
     p.add_argument("--model", required=True, choices=sorted(ARCHITECTURES), help="architecture name")
     p.add_argument("--per-layer", action="store_true", help="also list FLOPs and parameters per layer")

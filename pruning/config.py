@@ -1,0 +1,479 @@
+"""Run configuration: TOML files -> frozen dataclasses, with ``--set`` overrides and full validation.
+
+A configuration has the sections ``[data]``, ``[model]`` (arch kwargs in
+``[model.kwargs]``), ``[objective]``, ``[optim]`` (``[optim.weights]``,
+``[optim.theta]``), ``[train]`` and ``[export]``; every key has a default
+(:class:`RunConfig` with no file is the embedded default, MNIST-1D +
+ResNet-1D in combined mode, identical to ``experiments/configs/default.toml``).
+:func:`load_config` reads a file, applies
+``--set dotted.key=value`` overrides (values parsed as TOML literals, bare
+words as strings) and validates *everything* before returning: unknown
+sections or keys, wrong types and out-of-range values are all collected into
+one :class:`ConfigError` that names each bad field, so a command line can
+refuse to start (exit code 2) before it writes anything.
+
+Ranges (THEORY §2, §3, §5): ``gamma > 0``, ``rho ∈ [0, 1]``, ``delta >= 0``
+([13]); ``lambda >= 0`` is the precision of the Gaussian weight prior of
+[2.2] (weight decay ``λ/N``); ``eps ∈ (0, 1)`` is the pruning threshold of
+Algorithm 1 step 4; ``epochs >= 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet")
+MODES = ("combined", "layer", "unit", "none")
+ESTIMATORS = ("straight-through", "exact-difference")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "cosine-restarts", "step", "constant")
+OPTIMIZERS = ("sgd-adam", "plain-sgd")
+
+#: Architectures of ``pruning.models.build_model`` and the keyword arguments each accepts in ``[model.kwargs]``
+#: (with the TOML types allowed).  Missing shape arguments are filled in from the data set by the trainer.
+ARCH_KWARGS: dict[str, dict[str, tuple[type, ...]]] = {
+    "residual_mlp": {"in_features": (int,), "hidden": (list,), "out_gated": (bool,), "activation": (str,)},
+    "resnet1d": {"stage_blocks": (list,), "widths": (list,), "length": (int,), "in_channels": (int,)},
+    "resnet20": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
+    "resnet56": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
+    "resnet110": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
+    "resnet50": {"image_size": (int,)},
+}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration; ``errors`` holds one ``"field: problem"`` line each."""
+
+    def __init__(self, errors: Sequence[str], source: str = "") -> None:
+        self.errors = list(errors)
+        head = f"invalid configuration{f' {source}' if source else ''} ({len(self.errors)} problem(s)):"
+        super().__init__("\n".join([head, *(f"  - {e}" for e in self.errors)]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: ``pruning.data.load_dataset(name, root, **options)``; optional deterministic subsets."""
+
+    name: str = "mnist1d"
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    train_subset: int = 0  # 0 = all; otherwise the first k examples (tests, smoke runs)
+    test_subset: int = 0
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: ``pruning.models.build_model(arch, mode=, estimator=, theta_init=, **kwargs)``."""
+
+    arch: str = "resnet1d"
+    mode: str = "combined"
+    estimator: str = "straight-through"
+    theta_init: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """``[objective]``: user parameters of [13] and the prior precision λ of [2.2] (TOML key ``lambda``)."""
+
+    gamma: float = 0.05
+    rho: float = 0.5
+    delta: float = 0.5
+    lambda_: float = 2.0
+    elementwise: bool = True
+
+
+@dataclass(frozen=True)
+class WeightOptimConfig:
+    """``[optim.weights]``: SGD with momentum on ``W`` ([14], [17]) and its learning-rate schedule."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "cosine"
+    lr_min: float = 0.0
+    restarts: list[int] = field(default_factory=list)  # epochs at which cosine-restarts restarts
+    milestones: list[int] = field(default_factory=list)  # epochs at which "step" multiplies by decay
+    decay: float = 0.1
+    warmup_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class ThetaOptimConfig:
+    """``[optim.theta]``: Adam with a constant learning rate on ``Θ``, then the projection Π_H of [15]."""
+
+    lr: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """``[optim]``: ``kind = "sgd-adam"`` (seed Table 1) or ``"plain-sgd"`` (constant step, both groups; §5)."""
+
+    kind: str = "sgd-adam"
+    weights: WeightOptimConfig = field(default_factory=WeightOptimConfig)
+    theta: ThetaOptimConfig = field(default_factory=ThetaOptimConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: Algorithm 1 loop settings."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    eps: float = 0.1
+    prune_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1  # CPU threads for torch (0 = torch's default)
+    amp_bf16: bool = False
+    channels_last: bool = False
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+    out_dir: str = ""  # "" = runs/<config file stem>
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``[export]``: write the deterministic network (θ folded into the weights) at the end of a run."""
+
+    enabled: bool = True
+    dir: str = "export"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict with the TOML key names (``lambda``); round-trips through :func:`from_dict`."""
+        return _to_dict(self)
+
+
+# TOML name <-> dataclass attribute (only ``lambda`` differs: a Python keyword)
+_TOML_NAME = {"lambda_": "lambda"}
+_ATTR_NAME = {v: k for k, v in _TOML_NAME.items()}
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {_TOML_NAME.get(f.name, f.name): _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_dict(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and type checking
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits the annotation ``tp``; returns (ok, value converted: int -> float where wanted)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return True, None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                ok, v = _check_type(value, arg)
+                if ok:
+                    return True, v
+        return False, value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return True, float(value)
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item,) = typing.get_args(tp) or (Any,)
+        out = []
+        for v in value:
+            ok, cv = _check_type(v, item) if item is not Any else (True, v)
+            if not ok:
+                return False, value
+            out.append(cv)
+        return True, out
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return f"list of {_describe(item)}"
+    if origin is dict or tp is dict:
+        return "table"
+    return {float: "number", int: "integer", bool: "boolean", str: "string"}.get(tp, _type_name(tp))
+
+
+def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw`` (a dict), recording every problem under ``path``."""
+    if not isinstance(raw, Mapping):
+        errors.append(f"{path or 'config'}: expected a table, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        attr = _ATTR_NAME.get(key, key)
+        name = f"{path}.{key}" if path else key
+        if attr not in fields or attr in _TOML_NAME and key == attr:
+            known = ", ".join(sorted(_TOML_NAME.get(f, f) for f in fields))
+            errors.append(f"{name}: unknown {'key' if path else 'section'} (known: {known})")
+            continue
+        tp = hints[attr]
+        if dataclasses.is_dataclass(tp):
+            kwargs[attr] = _build(tp, value, name, errors)
+            continue
+        ok, converted = _check_type(value, tp)
+        if not ok:
+            errors.append(f"{name}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+            continue
+        kwargs[attr] = converted
+    return cls(**kwargs)
+
+
+def _range_errors(cfg: RunConfig) -> list[str]:
+    """Semantic checks, each naming its field."""
+    errors: list[str] = []
+
+    def need(cond: bool, name: str, msg: str, value: Any) -> None:
+        if not cond:
+            errors.append(f"{name}: {msg}, got {value!r}")
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    d, m, o, t = cfg.data, cfg.model, cfg.objective, cfg.train
+    w, th = cfg.optim.weights, cfg.optim.theta
+    need(d.name in DATASETS, "data.name", f"unknown dataset (choose one of {', '.join(DATASETS)})", d.name)
+    need(d.train_subset >= 0, "data.train_subset", "must be >= 0 (0 = all)", d.train_subset)
+    need(d.test_subset >= 0, "data.test_subset", "must be >= 0 (0 = all)", d.test_subset)
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    need(m.arch in ARCH_KWARGS, "model.arch", f"unknown architecture (choose one of {', '.join(ARCH_KWARGS)})", m.arch)
+    need(m.mode in MODES, "model.mode", f"unknown mode (choose one of {', '.join(MODES)})", m.mode)
+    need(m.estimator in ESTIMATORS, "model.estimator", f"unknown estimator (choose one of {', '.join(ESTIMATORS)})",
+         m.estimator)
+    need(finite(m.theta_init) and 0.0 <= m.theta_init <= 1.0, "model.theta_init", "must lie in [0, 1]", m.theta_init)
+    if m.arch in ARCH_KWARGS:
+        allowed = ARCH_KWARGS[m.arch]
+        for key, value in m.kwargs.items():
+            if key not in allowed:
+                errors.append(f"model.kwargs.{key}: unknown argument for arch {m.arch!r} "
+                              f"(known: {', '.join(allowed) or 'none'})")
+            elif isinstance(value, bool) and bool not in allowed[key] or not isinstance(value, allowed[key]):
+                errors.append(f"model.kwargs.{key}: expected {'/'.join(_describe(a) for a in allowed[key])}, "
+                              f"got {type(value).__name__} {value!r}")
+    need(finite(o.gamma) and o.gamma > 0, "objective.gamma", "must be > 0", o.gamma)
+    need(finite(o.rho) and 0.0 <= o.rho <= 1.0, "objective.rho", "must lie in [0, 1]", o.rho)
+    need(finite(o.delta) and o.delta >= 0, "objective.delta", "must be >= 0", o.delta)
+    need(finite(o.lambda_) and o.lambda_ >= 0, "objective.lambda", "must be >= 0", o.lambda_)
+    need(cfg.optim.kind in OPTIMIZERS, "optim.kind", f"unknown optimiser (choose one of {', '.join(OPTIMIZERS)})",
+         cfg.optim.kind)
+    need(finite(w.lr) and w.lr > 0, "optim.weights.lr", "must be > 0", w.lr)
+    need(finite(w.momentum) and 0 <= w.momentum < 1, "optim.weights.momentum", "must lie in [0, 1)", w.momentum)
+    need(not (w.nesterov and w.momentum == 0), "optim.weights.nesterov", "needs momentum > 0", w.nesterov)
+    need(w.schedule in SCHEDULES, "optim.weights.schedule", f"unknown schedule (choose one of {', '.join(SCHEDULES)})",
+         w.schedule)
+    need(finite(w.lr_min) and 0 <= w.lr_min <= w.lr, "optim.weights.lr_min", "must lie in [0, lr]", w.lr_min)
+    need(all(0 < e < t.epochs for e in w.restarts) and w.restarts == sorted(set(w.restarts)),
+         "optim.weights.restarts", "must be increasing epochs inside (0, epochs)", w.restarts)
+    need(all(0 < e for e in w.milestones) and w.milestones == sorted(set(w.milestones)),
+         "optim.weights.milestones", "must be increasing positive epochs", w.milestones)
+    need(finite(w.decay) and 0 < w.decay <= 1, "optim.weights.decay", "must lie in (0, 1]", w.decay)
+    need(w.warmup_epochs >= 0, "optim.weights.warmup_epochs", "must be >= 0", w.warmup_epochs)
+    need(finite(th.lr) and th.lr > 0, "optim.theta.lr", "must be > 0", th.lr)
+    need(len(th.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in th.betas), "optim.theta.betas",
+         "must be two numbers in [0, 1)", th.betas)
+    need(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
+    need(finite(t.eps) and 0 < t.eps < 1, "train.eps", "must lie in (0, 1)", t.eps)
+    need(t.prune_every >= 1, "train.prune_every", "must be >= 1 (iterations)", t.prune_every)
+    need(t.seed >= 0, "train.seed", "must be >= 0", t.seed)
+    need(t.device in DEVICES, "train.device", f"unknown device (choose one of {', '.join(DEVICES)})", t.device)
+    need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)", t.threads)
+    need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
+    return errors
+
+
+def from_dict(raw: Mapping[str, Any], *, source: str = "") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested dict (TOML key names); raise :class:`ConfigError`."""
+    errors: list[str] = []
+    cfg = _build(RunConfig, raw, "", errors)
+    errors += _range_errors(cfg)
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides and files
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (``0.1``, ``true``, ``[3, 3]``, ``"x"``) or else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], errors: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` strings to a nested dict (copy); malformed ones are recorded in ``errors``."""
+    out = _deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            errors.append(f"--set {item!r}: expected dotted.key=value")
+            continue
+        parts = key.split(".")
+        node = out
+        bad = False
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"{key}: {part!r} is not a table")
+                bad = True
+                break
+            node = child
+        if not bad:
+            node[parts[-1]] = parse_value(text.strip())
+    return out
+
+
+def _deepcopy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Read a TOML file (``None``: ``base`` or the embedded default), apply overrides, validate everything at once."""
+    errors: list[str] = []
+    raw: dict[str, Any] = _deepcopy(dict(base)) if base is not None else {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such file"], source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: TOML syntax error: {exc}"], source) from None
+    raw = apply_overrides(raw, overrides, errors)
+    try:
+        cfg = from_dict(raw, source=source)
+    except ConfigError as exc:
+        raise ConfigError(errors + exc.errors, source) from None
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """A TOML rendering of ``cfg`` (echoed into every run directory as ``config.toml``)."""
+    lines: list[str] = []
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix and (scalars or not tables):
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            if v is None:
+                continue
+            lines.append(f"{k} = {_toml_value(v)}")
+        if prefix and (scalars or not tables):
+            lines.append("")
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(cfg.to_dict(), "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+__all__ = [
+    "ARCH_KWARGS",
+    "ConfigError",
+    "DataConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ThetaOptimConfig",
+    "TrainConfig",
+    "WeightOptimConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "parse_value",
+    "to_toml",
+]

@@ -1,0 +1,186 @@
+"""The training objective of Algorithm 1, in one place: ``J = L / N`` of [2.2].
+
+THEORY §2: the objective over the whole data set is
+
+    L(W, Θ) = N · E_D E_{Ξ~q_Θ} ℓ  +  (λ/2) ||W||²  +  C(Θ),        Θ ∈ H = [0,1]^K      [2.2]
+
+and implementations minimise ``J = L / N``:
+
+    J = mean_batch ℓ(y, NN(x; W, Ξ))  +  C(Θ) / N  +  (λ/N)/2 · ||W||²
+
+* the first term, on one mini-batch and one gate sample ``Ξ ~ q_Θ`` drawn by
+  the model's forward pass, is ``L̂/N`` of [16]; its gradient with respect to
+  ``W`` is back-propagation through the sampled dropout network [17], with
+  respect to ``Θ`` the straight-through estimate of ``∂E/∂θ`` ([18], [21]);
+* ``C(Θ) = Σ_l α_f E[F_l] + α_p E[P_l] + β θ_B^l`` is the expected complexity
+  [11], evaluated by the one complexity model (:mod:`theory.complexity`) on
+  the *current* (compacted) structure and the live ``θ`` tensors, so that
+  autograd gives the exact ``∇_Θ C`` of [12]/[18];
+* ``(α_f, α_p, β)`` come from the user parameters ``(γ, ρ, δ)`` by [13]
+  (:func:`theory.complexity.coefficients_for`) on the *baseline* structure,
+  fixed for the whole run: pruning changes ``C``, not its prices;
+* ``λ`` is the precision of the Gaussian weight prior (seed Table 1:
+  ``λ = 128`` ImageNet, 30 CIFAR-10, 37.5 CIFAR-100), i.e. weight decay
+  ``λ/N`` on every weight parameter (the optimiser itself applies none).
+
+Mode ``"none"`` (plain training of the same network, the baseline) has no
+complexity term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from theory.complexity import Coefficients, ComplexityModel, coefficients_for
+from theory.spec import NetworkSpec
+
+
+@dataclass
+class ObjectiveTerms:
+    """The value of ``J`` and its three parts (tensors; ``total`` carries the graph)."""
+
+    total: torch.Tensor
+    data: torch.Tensor
+    complexity: torch.Tensor  # C(Θ)/N
+    weight: torch.Tensor  # (λ/N)/2 ||W||²
+
+
+class ModelCache:
+    """The :class:`ComplexityModel` of the latest structure, rebuilt only when the structure changes."""
+
+    def __init__(self, *, elementwise: bool) -> None:
+        self.elementwise = elementwise
+        self._spec: NetworkSpec | None = None
+        self._model: ComplexityModel | None = None
+
+    def __call__(self, spec: NetworkSpec) -> ComplexityModel:
+        if self._model is None or (spec is not self._spec and spec != self._spec):
+            self._model = ComplexityModel(spec, elementwise=self.elementwise)
+            self._spec = spec
+        return self._model
+
+
+class Objective:
+    """``J(W, Θ) = mean ℓ + C(Θ)/N + (λ/N)/2 ||W||²`` for one run (THEORY §2, [2.2], [11], [13], [17], [18]).
+
+    ``baseline_spec`` fixes the coefficients of [13]; :meth:`complexity`
+    evaluates ``C`` on ``model.spec()`` (the compacted structure) with
+    ``model.block_gates()`` and rebuilds its :class:`ComplexityModel` only
+    when the structure changed (after a pruning step).
+    """
+
+    def __init__(
+        self,
+        baseline_spec: NetworkSpec,
+        *,
+        N: int,
+        gamma: float,
+        rho: float,
+        delta: float,
+        lam: float,
+        mode: str = "combined",
+        elementwise: bool = True,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if N < 1:
+            raise ValueError(f"N must be a positive sample count, got {N}")
+        self.N = int(N)
+        self.lam = float(lam)
+        self.weight_decay = self.lam / self.N
+        self.mode = mode
+        self.elementwise = elementwise
+        self.loss = loss if loss is not None else F.cross_entropy
+        self.coeffs: Coefficients | None = (
+            None
+            if mode == "none"
+            else coefficients_for(baseline_spec, gamma, rho, delta, N=self.N, elementwise=elementwise)
+        )
+        self.complexity_model = ModelCache(elementwise=elementwise)
+
+    def complexity(self, model: Any, spec: NetworkSpec | None = None) -> torch.Tensor:
+        """``C(Θ)`` of [11] on the live gates (a differentiable tensor; 0 in mode ``"none"``).
+
+        ``spec`` is ``model.spec()`` (pass it when the caller caches it between pruning steps).
+        """
+        if self.coeffs is None:
+            return torch.zeros((), device=_device_of(model))
+        cm = self.complexity_model(model.spec() if spec is None else spec)
+        value = cm.complexity(model.block_gates(), self.coeffs)
+        if not torch.is_tensor(value):  # no gate at all left: C is a constant
+            value = torch.tensor(float(value), device=_device_of(model))
+        return value
+
+    # -- J ---------------------------------------------------------------------------------------
+    def weight_term(self, weights: Iterable[torch.Tensor]) -> torch.Tensor:
+        """``(λ/N)/2 ||W||²`` over the weight parameters (the Gaussian prior of [2.2])."""
+        params = list(weights)
+        if not params or self.weight_decay == 0.0:
+            dev = params[0].device if params else None
+            return torch.zeros((), device=dev)
+        sq = torch.stack([p.float().pow(2).sum() for p in params]).sum()
+        return 0.5 * self.weight_decay * sq
+
+    def __call__(
+        self, model: Any, output: torch.Tensor, target: torch.Tensor, *, spec: NetworkSpec | None = None
+    ) -> ObjectiveTerms:
+        """``J`` for one mini-batch whose network ``output`` came from one forward pass (one gate sample)."""
+        data = self.loss(output.float(), target)
+        comp = self.complexity(model, spec) / self.N
+        weight = self.weight_term(model.weight_parameters())
+        return ObjectiveTerms(total=data + comp + weight, data=data, complexity=comp, weight=weight)
+
+
+class CostMeter:
+    """Reported costs (THEORY §3, "two uses of one model"): conv + linear MACs, parameters incl. BN pairs.
+
+    ``baseline`` holds ``F_tot``, ``P_tot`` of the starting architecture; the
+    pruning ratios ``fPR = 1 − F/F_tot``, ``pPR = 1 − P/P_tot`` refer to it.
+    """
+
+    def __init__(self, baseline_spec: NetworkSpec) -> None:
+        base = ComplexityModel(baseline_spec, elementwise=False)
+        self.baseline_spec = baseline_spec
+        self.F_tot = float(base.flops())
+        self.P_tot = float(base.params())
+        self.model_for = ModelCache(elementwise=False)
+
+    @torch.no_grad()
+    def expected(self, model: Any, spec: NetworkSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E[F]``, ``E[P]`` ([9], [10]) of the surviving network at the current ``θ`` (float64 tensors)."""
+        cm = self.model_for(model.spec() if spec is None else spec)
+        gates = model.block_gates()
+        dev = _device_of(model)
+        return _as_tensor(cm.flops(gates), dev), _as_tensor(cm.params(gates), dev)
+
+    @torch.no_grad()
+    def expected_flops(self, model: Any, spec: NetworkSpec) -> torch.Tensor:
+        """``E[F]`` alone (the per-iteration training cost of Figure 4)."""
+        return _as_tensor(self.model_for(spec).flops(model.block_gates()), _device_of(model))
+
+    def deterministic(self, spec: NetworkSpec) -> tuple[float, float]:
+        """FLOPs and parameters of the deterministic network ``spec`` (all surviving gates 1)."""
+        cm = self.model_for(spec)
+        return float(cm.flops()), float(cm.params())
+
+    def ratios(self, spec: NetworkSpec) -> tuple[float, float]:
+        """``(fPR, pPR)`` of ``spec`` relative to the baseline."""
+        f, p = self.deterministic(spec)
+        return 1.0 - f / self.F_tot, 1.0 - p / self.P_tot
+
+
+def _as_tensor(x: Any, device: torch.device | None) -> torch.Tensor:
+    return x.detach().double() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def _device_of(model: Any) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+__all__ = ["CostMeter", "ModelCache", "Objective", "ObjectiveTerms"]

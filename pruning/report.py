@@ -1,0 +1,152 @@
+"""End-of-run report: ``report.json`` and ``report.md`` in the run directory (written atomically).
+
+The numbers the seed reports for every experiment (Tables 2–5): final test accuracy, layers left,
+``fPR = 1 − F/F_tot`` and ``pPR = 1 − P/P_tot`` of the deterministic final network (conv + linear
+MACs, parameters incl. BN pairs: THEORY §3 "two uses of one model"), plus the units left per gated
+layer (Figure 3) and the training cost relative to the baseline network (Figure 4).  Everything is
+computed by :mod:`theory.complexity` from the structures handed in; this module only formats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from theory.atomic import atomic_write_text
+from theory.complexity import ComplexityModel
+from theory.spec import NetworkSpec
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def units_per_layer(spec: NetworkSpec, baseline: NetworkSpec) -> list[dict[str, Any]]:
+    """One row per unit-gated inner layer of the baseline: block name, layer index, units at start and left."""
+    rows = []
+    for l, (b0, b) in enumerate(zip(baseline.blocks, spec.blocks)):
+        for j, n0 in enumerate(b0.unit_widths):
+            left = b.unit_widths[j] if b.alive and j < len(b.unit_widths) else 0
+            rows.append({"block": b0.name or f"blocks.{l}", "layer": f"blocks.{l}.path.{j}", "baseline": n0,
+                         "left": left, "block_alive": b.alive})
+    return rows
+
+
+def build_report(
+    *,
+    config: dict[str, Any],
+    log: list[dict[str, Any]],
+    spec: NetworkSpec,
+    baseline_spec: NetworkSpec,
+    events: list[dict[str, Any]],
+    wall_clock_s: float,
+    exports: dict[str, str],
+    out_dir: str,
+    device: str = "",
+) -> dict[str, Any]:
+    """The report of a run as a JSON-serialisable dict."""
+    base = ComplexityModel(baseline_spec, elementwise=False)
+    final = ComplexityModel(spec, elementwise=False)
+    F_tot, P_tot = float(base.flops()), float(base.params())
+    F, P = float(final.flops()), float(final.params())
+    last = log[-1] if log else {}
+    return {
+        "run": out_dir,
+        "device": device,
+        "epochs_completed": int(last.get("epoch", 0)),
+        "test_accuracy": last.get("test_acc"),
+        "test_loss": last.get("test_loss"),
+        "train_loss": last.get("train_loss"),
+        "fPR": 1.0 - F / F_tot,
+        "pPR": 1.0 - P / P_tot,
+        "flops": F,
+        "params": P,
+        "baseline_flops": F_tot,
+        "baseline_params": P_tot,
+        "layers_left": spec.depth,
+        "baseline_layers": baseline_spec.depth,
+        "blocks_alive": spec.blocks_alive,
+        "baseline_blocks": len(baseline_spec.blocks),
+        "units_left": units_per_layer(spec, baseline_spec),
+        "training_cost_ratio": last.get("train_cost_ratio"),
+        "training_cost_ratio_dense": (
+            last["cum_train_flops_dense"] / last["cum_baseline_flops"]
+            if last.get("cum_baseline_flops") else None
+        ),
+        "cum_train_flops": last.get("cum_train_flops"),
+        "cum_baseline_flops": last.get("cum_baseline_flops"),
+        "prune_events": len(events),
+        "wall_clock_s": wall_clock_s,
+        "exports": exports,
+        "config": config,
+    }
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
+
+
+def _num(x: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x:.0f}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    o, m, d = cfg["objective"], cfg["model"], cfg["data"]
+    lines = [
+        f"# Run report: {m['arch']} on {d['name']} ({m['mode']} mode)",
+        "",
+        f"γ = {o['gamma']}, ρ = {o['rho']}, δ = {o['delta']}, λ = {o['lambda']}, ε = {cfg['train']['eps']}, "
+        f"{report['epochs_completed']} epochs, device {report['device'] or '?'}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| test accuracy | {_pct(report['test_accuracy'])} |",
+        f"| fPR (conv+linear MACs) | {_pct(report['fPR'])} |",
+        f"| pPR | {_pct(report['pPR'])} |",
+        f"| FLOPs (MACs) | {_num(report['flops'])} of {_num(report['baseline_flops'])} |",
+        f"| parameters | {_num(report['params'])} of {_num(report['baseline_params'])} |",
+        f"| layers left | {report['layers_left']} of {report['baseline_layers']} |",
+        f"| blocks alive | {report['blocks_alive']} of {report['baseline_blocks']} |",
+        f"| training cost / baseline (Σ E[F]) | "
+        f"{'–' if report['training_cost_ratio'] is None else format(report['training_cost_ratio'], '.3f')} |",
+        f"| pruning events | {report['prune_events']} |",
+        f"| wall clock (training) | {report['wall_clock_s']:.1f} s |",
+        "",
+        "## Units left per gated layer",
+        "",
+        "| block | layer | baseline | left |",
+        "|---|---|---|---|",
+    ]
+    for r in report["units_left"]:
+        left = r["left"] if r["block_alive"] else "pruned"
+        lines.append(f"| {r['block']} | {r['layer']} | {r['baseline']} | {left} |")
+    if report["exports"]:
+        lines += ["", "## Exports", ""]
+        lines += [f"- {k}: `{v}`" for k, v in report["exports"].items()]
+    lines += ["", "## Configuration", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` atomically; returns their paths."""
+    out = Path(out_dir)
+    jp, mp = out / REPORT_JSON, out / REPORT_MD
+    atomic_write_text(jp, json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write_text(mp, to_markdown(report))
+    return jp, mp
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return repr(x)
+
+
+__all__ = ["REPORT_JSON", "REPORT_MD", "build_report", "to_markdown", "units_per_layer", "write_report"]
