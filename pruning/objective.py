@@ -110,7 +110,9 @@ class Objective:
         if self.coeffs is None:
             return torch.zeros((), device=_device_of(model))
         cm = self.complexity_model(model.spec() if spec is None else spec)
-        value = cm.complexity(model.block_gates(), self.coeffs)
+        # gates come from the model's own spec and are projected onto H after every step:
+        # skip the range check (it would force a device sync on every iteration)
+        value = cm.complexity(model.block_gates(), self.coeffs, check=False)
         if not torch.is_tensor(value):  # no gate at all left: C is a constant
             value = torch.tensor(float(value), device=_device_of(model))
         return value
@@ -160,7 +162,7 @@ class CostMeter:
     @torch.no_grad()
     def expected_flops(self, model: Any, spec: NetworkSpec) -> torch.Tensor:
         """``E[F]`` alone (the per-iteration training cost of Figure 4)."""
-        return _as_tensor(self.model_for(spec).flops(model.block_gates()), _device_of(model))
+        return _as_tensor(self.model_for(spec).flops(model.block_gates(), check=False), _device_of(model))
 
     def deterministic(self, spec: NetworkSpec) -> tuple[float, float]:
         """FLOPs and parameters of the deterministic network ``spec`` (all surviving gates 1)."""

@@ -150,12 +150,9 @@ def test_deterministic_counts_of_masked_mlp():
 # [12]/[18]: analytic gradients vs finite differences and torch autograd
 # ---------------------------------------------------------------------------------------------
 
-_coeffs = st.builds(
-    Coefficients,
-    alpha_f=st.floats(0.0, 2.0),
-    alpha_p=st.floats(0.0, 2.0),
-    beta=st.floats(0.0, 2.0),
-)
+# zero or well-scaled coefficients (subnormal products would test float underflow, not the model)
+_coef = st.one_of(st.just(0.0), st.floats(1e-3, 2.0))
+_coeffs = st.builds(Coefficients, alpha_f=_coef, alpha_p=_coef, beta=_coef)
 
 
 @given(seed=st.integers(0, 2**31 - 1), coeffs=_coeffs, out_gated=st.booleans())

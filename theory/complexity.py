@@ -277,6 +277,9 @@ class ComplexityModel:
 
     ``gates=None`` everywhere means "all gates 1", the deterministic network
     described by the spec itself: ``model.flops()`` is its (baseline) FLOPs.
+    Every method validates the gates against the spec (:func:`validate_gates`);
+    ``check=False`` skips that in hot loops whose gates were validated once
+    (on an accelerator the range check reads values back and forces a sync).
     """
 
     def __init__(self, spec: NetworkSpec, *, elementwise: bool = False) -> None:
@@ -287,14 +290,16 @@ class ComplexityModel:
         self.terms = compile_terms(spec, elementwise=elementwise)
 
     # -- expectations ---------------------------------------------------------------------------
-    def flops(self, gates: Gates | None = None) -> Any:
+    def flops(self, gates: Gates | None = None, *, check: bool = True) -> Any:
         """``Σ_l E[F_l] + F_0 + F_{L+1}``, eq. [9] (multiply–accumulates)."""
-        validate_gates(self.spec, gates)
+        if check:
+            validate_gates(self.spec, gates)
         return self._sum(gates, "f")
 
-    def params(self, gates: Gates | None = None) -> Any:
+    def params(self, gates: Gates | None = None, *, check: bool = True) -> Any:
         """``Σ_l E[P_l] + P_0 + P_{L+1}``, eq. [10]."""
-        validate_gates(self.spec, gates)
+        if check:
+            validate_gates(self.spec, gates)
         return self._sum(gates, "p")
 
     def _sum(self, gates: Gates | None, which: str) -> Any:
@@ -305,9 +310,10 @@ class ComplexityModel:
                 total = total + coef * _term_value(gates, t)
         return total
 
-    def per_layer(self, gates: Gates | None = None) -> dict[str, tuple[float, float]]:
+    def per_layer(self, gates: Gates | None = None, *, check: bool = True) -> dict[str, tuple[float, float]]:
         """``{layer label: (E[F], E[P])}``, in network order (seed Figure 2)."""
-        validate_gates(self.spec, gates)
+        if check:
+            validate_gates(self.spec, gates)
         out: dict[str, list[float]] = {}
         for t in self.terms:
             v = float(_term_value(gates, t))
@@ -317,9 +323,10 @@ class ComplexityModel:
         return {k: (v[0], v[1]) for k, v in out.items()}
 
     # -- combined complexity and its gradient ---------------------------------------------------
-    def complexity(self, gates: Gates | None, coeffs: Coefficients) -> Any:
+    def complexity(self, gates: Gates | None, coeffs: Coefficients, *, check: bool = True) -> Any:
         """``C(Θ) = Σ_l [α_f E[F_l] + α_p E[P_l] + β θ_B^l]``, eq. [11] (constants included)."""
-        validate_gates(self.spec, gates)
+        if check:
+            validate_gates(self.spec, gates)
         total: Any = 0.0
         for t in self.terms:
             w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p
@@ -331,14 +338,15 @@ class ComplexityModel:
                     total = total + coeffs.beta * _block_value(gates, l)
         return total
 
-    def grad(self, gates: Gates | None, coeffs: Coefficients) -> list[GateGrads]:
+    def grad(self, gates: Gates | None, coeffs: Coefficients, *, check: bool = True) -> list[GateGrads]:
         """Analytic ``∇_Θ C``: ``γ_B = ∂C/∂θ_B`` and ``γ_1`` with ``∂C/∂θ_1,i = θ_B γ_1``, eqs. [12], [18].
 
         For a gate group ``g`` the derivative of a term is the product of its
         other factors (each factor is affine in ``|θ_g|₁`` and no term holds a
         group twice), so all units of a group share one coefficient.
         """
-        validate_gates(self.spec, gates)
+        if check:
+            validate_gates(self.spec, gates)
         n_blocks = len(self.spec.blocks)
         dB: list[Any] = [0.0] * n_blocks
         dU: list[list[Any]] = [[0.0] * b.M for b in self.spec.blocks]  # γ_1 (without θ_B)
