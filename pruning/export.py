@@ -59,6 +59,7 @@ class DeterministicNetwork(nn.Module):
     def __init__(self, model: GatedNetwork) -> None:
         super().__init__()
         self.name, self.input_shape, self.num_classes = model.name, model.input_shape, model.num_classes
+        self.meta = model.meta
         self.stem, self.stem_pool = model.stem, model.stem_pool
         self.blocks, self.head = model.blocks, model.head
 
@@ -82,6 +83,7 @@ class DeterministicNetwork(nn.Module):
             tuple(cast(ResidualBlock, block).spec() for block in self.blocks),
             tuple(cast(WeightLayer, layer).spec() for layer in self.head),
             self.num_classes,
+            meta=self.meta,
         )
 
 

@@ -18,12 +18,15 @@ Read top to bottom:
    tensors laid out for :class:`theory.ComplexityModel`),
    :meth:`~GatedNetwork.gate_parameters`, :meth:`~GatedNetwork.weight_parameters`
    and :meth:`~GatedNetwork.exact_gate_grads` (the unbiased estimator of §5).
-5. Builders — :func:`build_model` for ``residual_mlp``, ``resnet1d``,
-   ``resnet20/56/110`` (CIFAR) and ``resnet50`` (ImageNet bottleneck).
+5. Builders — :func:`from_spec` instantiates any :class:`theory.NetworkSpec`;
+   :func:`build_model` names ``residual_mlp``, ``resnet1d``,
+   ``resnet20/56/110`` (CIFAR) and ``resnet50`` (ImageNet bottleneck) and
+   takes their specs from :mod:`theory.architectures`.
 
-At construction ``model.spec()`` equals the matching builder of
-:mod:`theory.architectures` exactly (tested), so every FLOPs/parameter count
-comes from the one complexity model.  Physical pruning lives in
+The spec is the single description of an architecture: the network is built
+from it and ``model.spec()`` reads the same object back off the live tensors
+(tested, also after compaction), so every FLOPs/parameter count comes from
+the one complexity model.  Physical pruning lives in
 :mod:`pruning.compaction`, the deterministic export in :mod:`pruning.export`;
 both rely only on the generic structure defined here.
 """
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from theory import architectures
 from theory.complexity import BlockGates
 from theory.spec import Block, Layer, NetworkSpec
 
@@ -269,9 +273,11 @@ class GatedNetwork(nn.Module):
         mode: str,
         estimator: str,
         stem_pool: nn.Module | None = None,
+        meta: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         super().__init__()
         self.name, self.input_shape, self.num_classes = name, tuple(input_shape), num_classes
+        self.meta = tuple(meta)
         self.mode = check_choice("mode", mode, MODES)
         self._estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.stem = nn.ModuleList(stem)
@@ -334,6 +340,7 @@ class GatedNetwork(nn.Module):
             tuple(block.spec() for block in self.block_list()),
             tuple(layer.spec() for layer in self.head_layers()),
             self.num_classes,
+            meta=self.meta,
         )
 
     def block_gates(self) -> list[BlockGates]:
@@ -470,7 +477,7 @@ def _block_gate(mode: str, estimator: str, theta_init: float) -> BlockGate | Non
     return BlockGate(estimator=estimator, theta_init=theta_init) if has_block_gates(mode) else None
 
 
-def _init_resnet(model: nn.Module) -> None:
+def _init_convs(model: nn.Module) -> None:
     """He initialisation of the convolutions (torchvision convention); BN γ=1, β=0; no zero-init of
     the last BN γ (a branch born with zero weights would be pruned at once, Lemma 2)."""
     for m in model.modules():
@@ -478,189 +485,86 @@ def _init_resnet(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def _basic_resnet(
-    name: str,
-    dim: int,
-    in_channels: int,
-    in_size: tuple[int, ...],
-    stage_blocks: Sequence[int],
-    widths: Sequence[int],
-    num_classes: int,
+STEM_POOLS: dict[str, Callable[[], nn.Module]] = {"max3x3s2": lambda: nn.MaxPool2d(3, stride=2, padding=1)}
+
+
+def from_spec(
+    spec: NetworkSpec,
     *,
     mode: str,
     estimator: str,
     theta_init: float,
-) -> GatedNetwork:
-    """Basic-block ResNet (CIFAR / 1-D): conv3-BN-ReLU-ξ_1 -> conv3-BN -> ·ξ_B -> + option-A shortcut -> ReLU."""
-    kind = "conv2d" if dim == 2 else "conv1d"
-
-    def conv(cin: int, cout: int, size: tuple[int, ...], stride: int = 1, act: bool = True, gate=None) -> WeightLayer:
-        return WeightLayer(
-            kind, cin, cout, kernel=3, stride=stride, out_size=size, bn=True, act=nn.ReLU() if act else None, gate=gate
-        )
-
-    stem = [conv(in_channels, widths[0], in_size)]
-    blocks = []
-    cin, size = widths[0], in_size
-    for s, (nb, w) in enumerate(zip(stage_blocks, widths)):
-        for b in range(nb):
-            stride = 2 if (s > 0 and b == 0) else 1
-            if stride == 2:
-                size = tuple((x + 1) // 2 for x in size)
-            path = [
-                conv(cin, w, size, stride=stride, gate=_unit_gate(w, mode, estimator, theta_init)),
-                conv(w, w, size, act=False),
-            ]
-            identity = cin == w and stride == 1
-            shortcut = nn.Identity() if identity else ZeroPadShortcut(cin, w, stride, dim)
-            blocks.append(
-                ResidualBlock(
-                    cin,
-                    w,
-                    path,
-                    shortcut,
-                    shortcut_kind="identity" if identity else "zero_pad",
-                    out_size=size,
-                    name=f"stage{s + 1}.{b}",
-                    block_gate=_block_gate(mode, estimator, theta_init),
-                    out_act=nn.ReLU(),
-                )
-            )
-            cin = w
-    head = [WeightLayer("linear", cin, num_classes, bias=True)]
-    model = GatedNetwork(
-        name, (in_channels, *in_size), stem, blocks, head, num_classes, mode=mode, estimator=estimator
-    )
-    _init_resnet(model)
-    return model
-
-
-def resnet_cifar_model(
-    depth: int, *, num_classes: int = 10, width: int = 16, image_size: int = 32, in_channels: int = 3, **gate_kw: Any
-) -> GatedNetwork:
-    """CIFAR ResNet-(6n+2) (He et al. 2016), option-A shortcuts; matches :func:`theory.resnet_cifar`."""
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 56, 110, ...), got {depth!r}")
-    n = (depth - 2) // 6
-    return _basic_resnet(
-        f"resnet{depth}", 2, in_channels, (image_size, image_size), (n, n, n), (width, 2 * width, 4 * width),
-        num_classes, **gate_kw,
-    )
-
-
-def resnet1d_model(
-    stage_blocks: Sequence[int] = (3, 3, 3),
-    widths: Sequence[int] = (16, 32, 64),
-    length: int = 40,
-    in_channels: int = 1,
-    *,
-    num_classes: int = 10,
-    **gate_kw: Any,
-) -> GatedNetwork:
-    """1-D basic-block ResNet (e.g. MNIST-1D, length 40); matches :func:`theory.resnet1d`."""
-    if len(stage_blocks) != len(widths) or not stage_blocks:
-        raise ValueError(f"stage_blocks and widths must have the same non-zero length, got {stage_blocks}, {widths}")
-    if any(w < 1 for w in widths) or any(b < 1 for b in stage_blocks) or length < 1:
-        raise ValueError(f"widths, stage_blocks and length must be positive, got {widths}, {stage_blocks}, {length}")
-    depth = 2 + 2 * sum(stage_blocks)
-    return _basic_resnet(
-        f"resnet1d-{depth}", 1, in_channels, (length,), tuple(stage_blocks), tuple(widths), num_classes, **gate_kw
-    )
-
-
-def resnet50_model(
-    *, num_classes: int = 1000, image_size: int = 224, mode: str, estimator: str, theta_init: float
-) -> GatedNetwork:
-    """ImageNet ResNet-50 v1.5 (stride on the 3×3 conv), ``M = 2`` unit-gate vectors per bottleneck
-    (outputs of conv1 and conv2), projection shortcuts (1×1 conv + BN) in each stage's first block;
-    matches :func:`theory.resnet50`."""
-    s = image_size
-    stem_size = (s + 1) // 2
-    stem = [
-        WeightLayer("conv2d", 3, 64, kernel=7, stride=2, out_size=(stem_size, stem_size), bn=True, act=nn.ReLU())
-    ]
-    # the stem conv uses padding 3 (kernel // 2) like torchvision; 3×3/2 max-pool, padding 1
-    size = (stem_size + 1) // 2
-    blocks = []
-    cin = 64
-    for stage, (nb, mid) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
-        cout = 4 * mid
-        for b in range(nb):
-            stride = 2 if (stage > 0 and b == 0) else 1
-            in_size = size
-            if stride == 2:
-                size = (size + 1) // 2
-            hw = (size, size)
-            path = [
-                WeightLayer("conv2d", cin, mid, kernel=1, out_size=(in_size, in_size), bn=True, act=nn.ReLU(),
-                            gate=_unit_gate(mid, mode, estimator, theta_init)),
-                WeightLayer("conv2d", mid, mid, kernel=3, stride=stride, out_size=hw, bn=True, act=nn.ReLU(),
-                            gate=_unit_gate(mid, mode, estimator, theta_init)),
-                WeightLayer("conv2d", mid, cout, kernel=1, out_size=hw, bn=True),
-            ]
-            shortcut: nn.Module
-            if b == 0:
-                shortcut = WeightLayer("conv2d", cin, cout, kernel=1, stride=stride, out_size=hw, bn=True)
-                kind = "projection"
-            else:
-                shortcut, kind = nn.Identity(), "identity"
-            blocks.append(
-                ResidualBlock(
-                    cin, cout, path, shortcut, shortcut_kind=kind, out_size=hw, name=f"layer{stage + 1}.{b}",
-                    block_gate=_block_gate(mode, estimator, theta_init), out_act=nn.ReLU(),
-                )
-            )
-            cin = cout
-    head = [WeightLayer("linear", cin, num_classes, bias=True)]
-    model = GatedNetwork(
-        "resnet50", (3, s, s), stem, blocks, head, num_classes, mode=mode, estimator=estimator,
-        stem_pool=nn.MaxPool2d(3, stride=2, padding=1),
-    )
-    _init_resnet(model)
-    return model
-
-
-def residual_mlp_model(
-    in_features: int,
-    hidden: Sequence[int],
-    *,
-    num_classes: int,
-    out_gated: bool = False,
     activation: str = "relu",
-    mode: str,
-    estimator: str,
-    theta_init: float,
 ) -> GatedNetwork:
-    """The gated residual MLP of §1: ``z -> ξ_2 ⊙ g(z + ξ_B W_2 (ξ_1 ⊙ f(W_1 ẑ)))``, ``f = g = activation``.
+    """The torch network a :class:`theory.NetworkSpec` describes, with gates for ``mode``.
 
-    ``W_1`` carries the bias, ``W_2`` none (a block with all units off contributes exactly 0);
-    identity skips; the head is the linear classifier.  ``out_gated`` adds output gates ``ξ_2``
-    (present in combined/unit mode; never removed by compaction).  Matches :func:`theory.residual_mlp`.
+    The spec (from :mod:`theory.architectures`) is the single description of
+    an architecture: every :class:`~theory.spec.Layer` becomes a
+    :class:`WeightLayer` (``act`` → ``activation``), the outputs of the first
+    ``M`` path layers of a block get unit gates ``ξ_1``, gated blocks a block
+    gate ``ξ_B``, ``out_gated`` blocks output gates ``ξ_2``; shortcuts follow
+    ``shortcut`` (identity, option-A zero padding, projection layer).  The
+    spec's ``meta`` may name a stem pooling (``stem_pool``).
     """
     check_choice("activation", activation, tuple(ACTIVATIONS))
-    if in_features < 1 or num_classes < 1 or not hidden or any(n < 1 for n in hidden):
-        raise ValueError(
-            f"in_features, num_classes and hidden widths must be positive, got {in_features}, {num_classes}, {hidden}"
-        )
     act = ACTIVATIONS[activation]
-    m = in_features
+
+    def weight_layer(layer: Layer, gate: UnitGate | None = None) -> WeightLayer:
+        return WeightLayer(
+            layer.kind, layer.in_width, layer.out_width, kernel=layer.kernel, stride=layer.stride,
+            out_size=layer.out_size, bias=layer.bias, bn=layer.bn, act=act() if layer.act else None, gate=gate,
+        )
+
     blocks = []
-    for l, n in enumerate(hidden):
-        path = [
-            WeightLayer("linear", m, n, bias=True, act=act(), gate=_unit_gate(n, mode, estimator, theta_init)),
-            WeightLayer("linear", n, m, bias=False),
-        ]
+    for b in spec.blocks:
+        if not b.alive:
+            raise ValueError(f"from_spec builds unpruned networks; block {b.name!r} has an empty path")
+        path = [weight_layer(layer, _unit_gate(layer.out_width, mode, estimator, theta_init)) for layer in b.path[:-1]]
+        path.append(weight_layer(b.path[-1]))
+        shortcut: nn.Module
+        if b.shortcut == "identity":
+            shortcut = nn.Identity()
+        elif b.shortcut == "zero_pad":
+            spatial = {"conv1d": 1, "conv2d": 2}.get(b.path[0].kind, 0)
+            shortcut = ZeroPadShortcut(b.in_width, b.out_width, max(layer.stride for layer in b.path), spatial)
+        else:
+            assert b.shortcut_layer is not None  # guaranteed by Block validation
+            shortcut = weight_layer(b.shortcut_layer)
         blocks.append(
             ResidualBlock(
-                m, m, path, nn.Identity(), shortcut_kind="identity", name=f"block{l}",
-                block_gate=_block_gate(mode, estimator, theta_init), out_act=act(),
-                out_gate=_unit_gate(m, mode, estimator, theta_init) if out_gated else None, out_gated=out_gated,
+                b.in_width, b.out_width, path, shortcut, shortcut_kind=b.shortcut, out_size=b.out_size, name=b.name,
+                block_gate=_block_gate(mode, estimator, theta_init) if b.gated else None,
+                out_act=act() if b.out_act else None,
+                out_gate=_unit_gate(b.out_width, mode, estimator, theta_init) if b.out_gated else None,
+                out_gated=b.out_gated,
             )
         )
-    head = [WeightLayer("linear", m, num_classes, bias=True)]
-    return GatedNetwork(
-        f"residual-mlp-{len(hidden)}", (m,), [], blocks, head, num_classes, mode=mode, estimator=estimator
+    meta = dict(spec.meta)
+    pool = meta.get("stem_pool")
+    if pool is not None and pool not in STEM_POOLS:
+        raise ValueError(f"spec.meta stem_pool must be one of {sorted(STEM_POOLS)}, got {pool!r}")
+    model = GatedNetwork(
+        spec.name, spec.input_shape, [weight_layer(layer) for layer in spec.stem], blocks,
+        [weight_layer(layer) for layer in spec.head], spec.num_classes, mode=mode, estimator=estimator,
+        stem_pool=STEM_POOLS[str(pool)]() if pool is not None else None, meta=spec.meta,
     )
+    _init_convs(model)
+    return model
+
+
+def _arch_spec(arch: str, num_classes: int, kw: dict[str, Any]) -> NetworkSpec:
+    """The :mod:`theory.architectures` spec of a named architecture (``kw`` without torch-only options)."""
+    if arch == "residual_mlp":
+        if "in_features" not in kw or "hidden" not in kw:
+            raise ValueError("arch 'residual_mlp' needs in_features and hidden")
+        return architectures.residual_mlp(
+            kw["in_features"], list(kw["hidden"]), num_classes, out_gated=bool(kw.get("out_gated", False))
+        )
+    if arch == "resnet1d":
+        return architectures.resnet1d(num_classes=num_classes, **kw)
+    if arch == "resnet50":
+        return architectures.resnet50(num_classes=num_classes, **kw)
+    return architectures.resnet_cifar(int(arch[len("resnet"):]), num_classes=num_classes, **kw)
 
 
 _ARCH_KWARGS: dict[str, tuple[str, ...]] = {
@@ -671,6 +575,7 @@ _ARCH_KWARGS: dict[str, tuple[str, ...]] = {
     "resnet110": ("width", "image_size", "in_channels"),
     "resnet50": ("image_size",),
 }
+_TORCH_ONLY_KWARGS = ("activation",)
 
 
 def build_model(
@@ -703,17 +608,11 @@ def build_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not (isinstance(theta_init, (int, float)) and 0.0 <= theta_init <= 1.0 and math.isfinite(theta_init)):
         raise ValueError(f"theta_init must lie in [0, 1], got {theta_init!r}")
-    gate_kw: dict[str, Any] = dict(mode=mode, estimator=estimator, theta_init=float(theta_init))
+    spec_kw = {k: v for k, v in arch_kwargs.items() if k not in _TORCH_ONLY_KWARGS}
+    spec = _arch_spec(arch, num_classes, spec_kw)
+    activation = str(arch_kwargs.get("activation", "relu"))
     with torch.device(device) if device is not None else nullcontext():
-        if arch == "residual_mlp":
-            if "in_features" not in arch_kwargs or "hidden" not in arch_kwargs:
-                raise ValueError("arch 'residual_mlp' needs in_features and hidden")
-            return residual_mlp_model(num_classes=num_classes, **gate_kw, **arch_kwargs)
-        if arch == "resnet1d":
-            return resnet1d_model(num_classes=num_classes, **gate_kw, **arch_kwargs)
-        if arch == "resnet50":
-            return resnet50_model(num_classes=num_classes, **gate_kw, **arch_kwargs)
-        return resnet_cifar_model(int(arch[len("resnet"):]), num_classes=num_classes, **gate_kw, **arch_kwargs)
+        return from_spec(spec, mode=mode, estimator=estimator, theta_init=float(theta_init), activation=activation)
 
 
 __all__ = [
@@ -724,8 +623,5 @@ __all__ = [
     "WeightLayer",
     "ZeroPadShortcut",
     "build_model",
-    "residual_mlp_model",
-    "resnet1d_model",
-    "resnet50_model",
-    "resnet_cifar_model",
+    "from_spec",
 ]

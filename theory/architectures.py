@@ -52,16 +52,29 @@ def _basic_resnet(
     return NetworkSpec(name, (in_channels, *in_size), stem, tuple(blocks), head, num_classes)
 
 
-def resnet_cifar(depth: int, num_classes: int = 10, width: int = 16) -> NetworkSpec:
+def resnet_cifar(
+    depth: int, num_classes: int = 10, width: int = 16, image_size: int = 32, in_channels: int = 3
+) -> NetworkSpec:
     """CIFAR ResNet-(6n+2) of He et al. (2016): basic blocks, option-A shortcuts, 32×32 inputs.
 
     ``depth`` 20, 32, 44, 56, 110, ... (``(depth - 2) % 6 == 0``).
     """
+    if width < 1 or image_size < 1 or in_channels < 1:
+        raise ValueError(
+            f"width, image_size and in_channels must be positive, got {width}, {image_size}, {in_channels}"
+        )
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 56, 110, ...), got {depth!r}")
     n = (depth - 2) // 6
     return _basic_resnet(
-        f"resnet{depth}", 2, 3, (32, 32), (n, n, n), (width, 2 * width, 4 * width), num_classes, stem_kernel=3
+        f"resnet{depth}",
+        2,
+        in_channels,
+        (image_size, image_size),
+        (n, n, n),
+        (width, 2 * width, 4 * width),
+        num_classes,
+        stem_kernel=3,
     )
 
 
@@ -87,7 +100,8 @@ def resnet50(num_classes: int = 1000, image_size: int = 224) -> NetworkSpec:
     """ImageNet ResNet-50 (torchvision v1.5: stride on the 3×3 conv), bottleneck blocks with ``M = 2``.
 
     Unit gates on conv1 and conv2 of every bottleneck; projection shortcuts
-    (1×1 conv + BN) where the shape changes.  Counted as conv + linear MACs.
+    (1×1 conv + BN) where the shape changes; a 3×3/2 max-pool after the stem
+    (``meta["stem_pool"]``).  Counted as conv + linear MACs.
     """
     s = image_size
     stem_size = (s + 1) // 2
@@ -116,7 +130,10 @@ def resnet50(num_classes: int = 1000, image_size: int = 224) -> NetworkSpec:
             blocks.append(block)
             cin = cout
     head = (Layer("linear", cin, num_classes, bias=True),)
-    return NetworkSpec("resnet50", (3, image_size, image_size), stem, tuple(blocks), head, num_classes)
+    return NetworkSpec(
+        "resnet50", (3, image_size, image_size), stem, tuple(blocks), head, num_classes,
+        meta=(("stem_pool", "max3x3s2"),),
+    )
 
 
 def residual_mlp(
