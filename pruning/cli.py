@@ -72,8 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"error: --resume: no checkpoint {ckpt_path}", file=sys.stderr)
             return 2
         base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
+    overrides = list(args.set or ()) + (["train.audit=true"] if args.audit else [])
     try:
-        cfg = load_config(args.config, args.set or (), base=base)
+        cfg = load_config(args.config, overrides, base=base)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -104,6 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
         f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s -> {out}"
     )
+    if report.get("audit"):
+        from .report import audit_lines
+
+        print("\n".join(audit_lines(report["audit"])))
     return 0
 
 
@@ -171,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a configuration value, e.g. --set objective.gamma=0.5 (repeatable)")
     p.add_argument("--out", help="run directory (default: train.out_dir or runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--audit", action="store_true",
+                   help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
+                        "reports how many recover (premature-pruning rate) and how many were certified")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="accuracy and FLOPs of a run's latest checkpoint (mean-field network)")
     p.add_argument("--run", required=True, help="run directory")

@@ -151,6 +151,9 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     out_dir: str = ""  # "" = runs/<config file stem>
+    audit: bool = False  # pruning audit mode: ε-rule flags structures but keeps them (pruning.audit)
+    audit_window: int = 100  # iterations of the running max that estimates the Lemma-1 constant k
+    audit_every: int = 4  # iterations between two observations of the Lemma-1 ratios (0 = no k estimate)
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,8 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(t.device in DEVICES, "train.device", f"unknown device (choose one of {', '.join(DEVICES)})", t.device)
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)", t.threads)
     need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    need(t.audit_window >= 1, "train.audit_window", "must be >= 1 (iterations)", t.audit_window)
+    need(t.audit_every >= 0, "train.audit_every", "must be >= 0 (iterations; 0 = no Lemma-1 estimate)", t.audit_every)
     need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
     return errors
 

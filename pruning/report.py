@@ -44,8 +44,9 @@ def build_report(
     exports: dict[str, str],
     out_dir: str,
     device: str = "",
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report of a run as a JSON-serialisable dict."""
+    """The report of a run as a JSON-serialisable dict (``audit``: :meth:`pruning.audit.PruningAudit.summary`)."""
     base = ComplexityModel(baseline_spec, elementwise=False)
     final = ComplexityModel(spec, elementwise=False)
     F_tot, P_tot = float(base.flops()), float(base.params())
@@ -79,6 +80,7 @@ def build_report(
         "prune_events": len(events),
         "wall_clock_s": wall_clock_s,
         "exports": exports,
+        "audit": audit,
         "config": config,
     }
 
@@ -125,11 +127,72 @@ def to_markdown(report: dict[str, Any]) -> str:
     for r in report["units_left"]:
         left = r["left"] if r["block_alive"] else "pruned"
         lines.append(f"| {r['block']} | {r['layer']} | {r['baseline']} | {left} |")
+    if report.get("audit"):
+        lines += ["", "## Pruning audit", "", *audit_lines(report["audit"], markdown=True)]
     if report["exports"]:
         lines += ["", "## Exports", ""]
         lines += [f"- {k}: `{v}`" for k, v in report["exports"].items()]
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
+
+
+def _g(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _frac(n: int, d: int) -> str:
+    return f"{n}/{d}" + (f" ({100 * n / d:.1f} %)" if d else "")
+
+
+def audit_lines(audit: dict[str, Any], *, markdown: bool = False) -> list[str]:
+    """The audit summary (:mod:`pruning.audit`) as a paragraph (+ a table with ``markdown``)."""
+    u, b = audit["units"], audit["blocks"]
+    counter = audit["mode"] == "audit"
+    verb = "flagged (kept training: audit mode)" if counter else "removed"
+    lines = [
+        f"Pruning audit (ε = {audit['eps']}): the ε-rule {verb} {u['flagged']} units and {b['flagged']} blocks; "
+        f"certified at that moment (union over a > 0 of Theorem 5.2 resp. 5.1, running-max k over "
+        f"{audit['window']} iterations): units {_frac(u['certified'], u['flagged'])}, "
+        f"blocks {_frac(b['certified'], b['flagged'])}; with the global k: units {u['certified_global_k']}, "
+        f"blocks {b['certified_global_k']}. Certifiable at all (θ < c/(2k), with small enough weights): units "
+        f"{u['theta_certifiable']}, blocks {b['theta_certifiable']}; medians at flag time: units "
+        f"θ {_g(u['median_theta'])} vs c/(2k) {_g(u['median_theta_max'])}, "
+        f"½||u||² {_g(u['median_q'])} vs c/k {_g(u['median_c_over_k'])}; "
+        f"blocks θ_B {_g(b['median_theta'])} vs c/(2k) {_g(b['median_theta_max'])}, "
+        f"½||W||² {_g(b['median_q'])} vs c/k {_g(b['median_c_over_k'])}."
+    ]
+    if counter:
+        lines.append(
+            f"Recovered above ε by the end (premature-pruning rate): units {_frac(u['recovered'], u['flagged'])}, "
+            f"blocks {_frac(b['recovered'], b['flagged'])}; above ε at some time after the flag: units "
+            f"{_frac(u['recovered_ever'], u['flagged'])}, blocks {_frac(b['recovered_ever'], b['flagged'])}. "
+            f"Certified yet recovered (a contradiction of the theorems up to the estimates of k and c): "
+            f"units {u['certified_recovered']}, blocks {b['certified_recovered']}."
+        )
+        end = audit.get("end_of_run_prune")
+        if end:
+            lines.append(
+                f"The ε-rule applied once at the end: test accuracy {100 * end['test_accuracy']:.2f} %, "
+                f"fPR {100 * end['fPR']:.1f} %, pPR {100 * end['pPR']:.1f} %, {end['blocks_alive']} blocks alive."
+            )
+    lines.append("Caveat: k is a lower bound of Lemma 1's sup-based constant, so the certificates are optimistic; "
+                 "c = the current γ. Per-structure records: " + ", ".join(
+                     f"`{v}`" for v in (audit.get("files") or {}).values()))
+    if not markdown:
+        return lines
+    out = [" ".join(lines), ""]
+    if counter:
+        out += ["| structures | flagged | certified | recovered (end) | recovered (ever) | premature rate "
+                "| certified ∧ recovered |", "|---|---|---|---|---|---|---|"]
+        for name, c in (("units", u), ("blocks", b)):
+            rate = "–" if c["premature_rate"] is None else f"{100 * c['premature_rate']:.1f} %"
+            out.append(f"| {name} | {c['flagged']} | {c['certified']} | {c['recovered']} | {c['recovered_ever']} "
+                       f"| {rate} | {c['certified_recovered']} |")
+    else:
+        out += ["| structures | removed | certified | certified (global k) |", "|---|---|---|---|"]
+        for name, c in (("units", u), ("blocks", b)):
+            out.append(f"| {name} | {c['flagged']} | {c['certified']} | {c['certified_global_k']} |")
+    return out
 
 
 def write_report(out_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
@@ -149,4 +212,5 @@ def _json_default(x: Any) -> Any:
     return repr(x)
 
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "build_report", "to_markdown", "units_per_layer", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_MD", "audit_lines", "build_report", "to_markdown", "units_per_layer",
+           "write_report"]

@@ -13,6 +13,8 @@ Per iteration ``k`` (one mini-batch, one gate sample ``Ξ_k ~ q_Θ`` drawn by th
 4. every ``prune_every`` iterations (and at each epoch end) the ε-rule: units with ``θ_1 < ε`` and
    blocks with ``θ_B < ε`` (or all units ``< ε``) leave the tensors for good
    (:func:`pruning.compaction.prune`, optimiser state carried), so later iterations are cheaper.
+   :mod:`pruning.audit` records each selected structure (θ, weight norms, ``c``, an online Lemma-1
+   ``k``, certified by Theorem 5.1/5.2?); with ``train.audit`` they are flagged and kept instead.
 
 Bookkeeping: the training cost of an iteration is ``E[F]`` ([9], conv + linear MACs) of the
 surviving network at the current ``θ`` times the batch size; its running sum is the seed's
@@ -46,6 +48,7 @@ from torch import nn
 from theory.atomic import atomic_write, atomic_write_text
 from theory.projection import project
 
+from .audit import PruningAudit, end_of_run_prune
 from .config import RunConfig, from_dict, to_toml
 from .data import DataSplits, InMemoryDataset, load_dataset, make_loader
 from .models import GatedNetwork, build_model
@@ -396,6 +399,9 @@ class Trainer:
         )
         self.meter = CostMeter(self.baseline_spec)
         self.progress = Progress()
+        # pruning audit (pruning.audit): records of what the ε-rule selects; with train.audit, flag, do not remove
+        self.audit = PruningAudit(self.objective, eps=t.eps, estimator=cfg.model.estimator, window=t.audit_window,
+                                  every=t.audit_every, counterfactual=t.audit)
         if ckpt is not None:
             apply_structure(self.model, ckpt["structure"], t.eps)
             self.model.load_state_dict(ckpt["model"])
@@ -406,6 +412,8 @@ class Trainer:
         if ckpt is not None:
             self._load_optimizers(ckpt)
             self.progress = Progress(**ckpt["progress"])
+            if ckpt.get("audit") is not None:
+                self.audit.load_state_dict(ckpt["audit"], self.device)
             restore_rng(ckpt["rng"])
         self.loader = make_loader(
             self.data.train, t.batch_size, train=True, seed=t.seed, num_workers=cfg.data.num_workers,
@@ -456,6 +464,7 @@ class Trainer:
                 "events": p.events,
             },
             "rng": capture_rng(),
+            "audit": self.audit.state_dict(),
             "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed},
             "data": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape), "N": self.N},
         }
@@ -496,7 +505,11 @@ class Trainer:
         from .compaction import prune
 
         opts = [o for o in (self.opt_w, self.opt_t) if o is not None]
+        flagged = self.audit.flag(self.model, self.spec, step=self.progress.global_step, epoch=epoch)
+        if self.cfg.train.audit:  # audit mode: flagged structures stay and keep training
+            return False
         event = prune(self.model, self.cfg.train.eps, opts, step=self.progress.global_step)
+        self.audit.confirm(flagged, event)
         rec = _event_record(event, epoch, self.progress.global_step)
         if rec is None:
             return False
@@ -549,12 +562,16 @@ class Trainer:
                     for q in model.gate_parameters():
                         e = est[q].to(q.dtype)
                         q.grad = e if q.grad is None else q.grad + e  # ∇C/N came from backward
+                if t.audit_every and p.global_step % t.audit_every == 0:
+                    self.audit.observe(model, self.spec)  # online Lemma-1 ratios (pruning.audit)
                 self.opt_w.step()
                 if self.opt_t is not None:
                     self.opt_t.step()
                     with torch.no_grad():
                         for q in model.gate_parameters():
                             q.copy_(project(q))  # Π_H, eq. [15]
+                if t.audit:
+                    self.audit.track(model)
                 b = int(y.shape[0])
                 cum += ef * b
                 p.cum_flops_dense += self._det_flops * b
@@ -671,6 +688,16 @@ class Trainer:
         exports: dict[str, str] = {}
         if self.cfg.export.enabled:
             exports = export_run(self.model, self.out / self.cfg.export.dir)
+        audit = self.audit.summary(self.model)
+        if self.cfg.train.audit:
+            t = self.cfg.train
+            audit["end_of_run_prune"] = end_of_run_prune(
+                self.model, t.eps,
+                lambda m: evaluate(m, self.test_loader, self.device, amp_bf16=t.amp_bf16,
+                                   channels_last=t.channels_last),
+                self.meter.ratios,
+            )
+        audit["files"] = self.audit.write(self.out, audit)
         report = build_report(
             config=self.cfg.to_dict(),
             log=self.progress.log,
@@ -681,6 +708,7 @@ class Trainer:
             exports=exports,
             out_dir=str(self.out),
             device=str(self.device),
+            audit=audit,
         )
         write_report(self.out, report)
         return report
