@@ -55,9 +55,8 @@ from pruning.exact import ExactDynamics, load_state, state_from_model, state_rea
 from pruning.gates import fixed_gates
 from pruning.models import GatedNetwork, build_model
 from pruning.objective import Objective
-from pruning.train import make_optimizers
+from pruning.train import algorithm1_step, make_optimizers
 from theory.atomic import atomic_write, atomic_write_text
-from theory.projection import project
 
 DEFAULT_STEPS = (4e-3, 1e-3, 2.5e-4)
 DEFAULT_HORIZON = 1.5
@@ -199,43 +198,6 @@ def make_dynamics(p: Problem) -> tuple[ExactDynamics, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 
-def sgd_step(
-    model: GatedNetwork,
-    objective: Objective,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    opt_w: torch.optim.Optimizer,
-    opt_t: torch.optim.Optimizer,
-    *,
-    spec: Any = None,
-    gates: Sequence[torch.nn.Parameter] | None = None,
-) -> None:
-    """One iteration of Algorithm 1 as in :meth:`pruning.train.Trainer.train_epoch` (no pruning step).
-
-    The model must be in train mode.  Forward with one gate sample, ``J`` of [16], backward
-    ([17]; for ``θ`` the straight-through estimate [18] or, with the exact-difference estimator,
-    only ``∇C/N``, to which the estimate [19]–[21] of ``model.exact_gate_grads`` is added), the
-    optimiser steps, then ``Θ ← Π_H(Θ)`` [15].  ``spec``/``gates``: ``model.spec()`` and
-    ``model.gate_parameters()``, cached by the caller.
-    """
-    gates = model.gate_parameters() if gates is None else gates
-    out = model(x)
-    terms = objective(model, out, y, spec=spec)
-    opt_w.zero_grad(set_to_none=True)
-    opt_t.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if model.estimator == "exact-difference":
-        est = model.exact_gate_grads(objective.loss, x, y)
-        for q in gates:
-            e = est[q].to(q.dtype)
-            q.grad = e if q.grad is None else q.grad + e
-    opt_w.step()
-    opt_t.step()
-    with torch.no_grad():
-        for q in gates:
-            q.copy_(project(q))
-
-
 def sgd_trajectory(
     p: Problem, y0: np.ndarray, eta: float, horizon: float, estimator: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +211,6 @@ def sgd_trajectory(
     assert opt_t is not None
     n = int(round(horizon / eta))
     spec = model.spec()
-    gates = model.gate_parameters()
     read = state_reader(model)
     states = np.empty((n + 1, y0.shape[0]))
     states[0] = read()
@@ -259,7 +220,7 @@ def sgd_trajectory(
         torch.manual_seed(seed)
         for k in range(n):
             idx = torch.randint(p.n_samples, (p.batch_size,), generator=g)  # with replacement
-            sgd_step(model, objective, X[idx], Y[idx], opt_w, opt_t, spec=spec, gates=gates)
+            algorithm1_step(model, objective, X[idx], Y[idx], opt_w, opt_t, spec=spec)
             states[k + 1] = read()
     return eta * np.arange(n + 1), states
 
@@ -517,7 +478,6 @@ __all__ = [
     "make_objective",
     "ode_solution",
     "save",
-    "sgd_step",
     "sgd_trajectory",
     "sup_deviation",
     "table",

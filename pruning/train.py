@@ -35,7 +35,7 @@ import io
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +52,7 @@ from .audit import PruningAudit, end_of_run_prune
 from .config import RunConfig, from_dict, to_toml
 from .data import DataSplits, InMemoryDataset, load_dataset, make_loader
 from .models import GatedNetwork, build_model
-from .objective import CostMeter, Objective
+from .objective import CostMeter, Objective, ObjectiveTerms
 
 CHECKPOINT = "checkpoint.pt"
 LOG_CSV = "log.csv"
@@ -370,6 +370,64 @@ def _primitive(x: Any) -> Any:
     return x
 
 
+class NonFiniteObjective(FloatingPointError):
+    """The objective of one step was NaN/Inf (raised before any parameter changed)."""
+
+    def __init__(self, terms: ObjectiveTerms) -> None:
+        super().__init__("non-finite objective")
+        self.terms = terms
+
+
+def algorithm1_step(
+    model: GatedNetwork,
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt_w: torch.optim.Optimizer,
+    opt_t: torch.optim.Optimizer | None,
+    *,
+    spec: Any = None,
+    amp: bool = False,
+    before_update: Callable[[], object] | None = None,
+) -> tuple[ObjectiveTerms, torch.Tensor]:
+    """Steps 1–3 of Algorithm 1 on one mini-batch (the ε-rule, step 4, is the caller's).
+
+    Forward with one gate sample (``model`` in train mode), ``J`` of [16] via
+    ``objective``; back-propagation gives ``Ĝ_W`` [17] and, for ``θ``, the
+    straight-through estimate plus ``∇C/N`` [18] — with the exact-difference
+    estimator the unbiased estimate [19]–[21] of ``model.exact_gate_grads`` is
+    added to ``∇C/N`` instead; ``before_update()`` sees the gradients; then the
+    weight step, the ``θ`` step and ``Θ ← Π_H(Θ)`` [14]–[15].  Raises
+    :class:`NonFiniteObjective` before touching any parameter if ``J`` is not
+    finite.  Returns the objective terms and the network output.
+    """
+    dev = x.device
+    with autocast_ctx(dev, amp):
+        out = model(x)
+    terms = objective(model, out, y, spec=spec)
+    if not bool(torch.isfinite(terms.total.detach())):
+        raise NonFiniteObjective(terms)
+    opt_w.zero_grad(set_to_none=True)
+    if opt_t is not None:
+        opt_t.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if opt_t is not None and model.estimator == "exact-difference":
+        with autocast_ctx(dev, amp):
+            est = model.exact_gate_grads(objective.loss, x, y)
+        for q in model.gate_parameters():
+            e = est[q].to(q.dtype)
+            q.grad = e if q.grad is None else q.grad + e  # ∇C/N came from backward
+    if before_update is not None:
+        before_update()
+    opt_w.step()
+    if opt_t is not None:
+        opt_t.step()
+        with torch.no_grad():
+            for q in model.gate_parameters():
+                q.copy_(project(q))  # Π_H, eq. [15]
+    return terms, out
+
+
 class Trainer:
     """One run of Algorithm 1 in ``out_dir`` (see the module doc).  ``resume=True`` continues a checkpoint."""
 
@@ -524,7 +582,6 @@ class Trainer:
         """One pass over the training data (epoch ``epoch``, 0-based); returns mean training statistics."""
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         model, dev = self.model, self.device
-        exact = cfg.model.estimator == "exact-difference" and self.opt_t is not None
         spe = len(self.loader)
         amp = t.amp_bf16
         model.train()
@@ -539,37 +596,22 @@ class Trainer:
                 lr = lr_at(cfg, p.global_step, spe)
                 for g in self.opt_w.param_groups:
                     g["lr"] = lr
-                with autocast_ctx(dev, amp):
-                    out = model(x)
-                terms = self.objective(model, out, y, spec=self.spec)
-                if not bool(torch.isfinite(terms.total.detach())):
-                    j, d, c = (float(v.detach()) for v in (terms.total, terms.data, terms.complexity))
+                ef = self.meter.expected_flops(model, self.spec)  # E[F] at the θ of this sample (Figure 4)
+                observe = t.audit_every and p.global_step % t.audit_every == 0
+                try:
+                    terms, out = algorithm1_step(
+                        model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
+                        before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
+                    )
+                except NonFiniteObjective as err:
+                    j, d, c = (float(v.detach()) for v in (err.terms.total, err.terms.data, err.terms.complexity))
                     raise TrainingDiverged(
                         f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g}) "
                         f"at epoch {epoch + 1}, iteration {i + 1}/{spe} "
                         f"(global step {p.global_step + 1}); stopping. "
                         + (f"The last good checkpoint ({self.out / CHECKPOINT}, after epoch {p.epoch}) is kept."
                            if p.epoch > 0 else "No checkpoint was written yet (the first epoch did not finish).")
-                    )
-                self.opt_w.zero_grad(set_to_none=True)
-                if self.opt_t is not None:
-                    self.opt_t.zero_grad(set_to_none=True)
-                ef = self.meter.expected_flops(model, self.spec)  # E[F] at the θ of this sample (Figure 4)
-                terms.total.backward()
-                if exact:
-                    with autocast_ctx(dev, amp):
-                        est = model.exact_gate_grads(self.objective.loss, x, y)
-                    for q in model.gate_parameters():
-                        e = est[q].to(q.dtype)
-                        q.grad = e if q.grad is None else q.grad + e  # ∇C/N came from backward
-                if t.audit_every and p.global_step % t.audit_every == 0:
-                    self.audit.observe(model, self.spec)  # online Lemma-1 ratios (pruning.audit)
-                self.opt_w.step()
-                if self.opt_t is not None:
-                    self.opt_t.step()
-                    with torch.no_grad():
-                        for q in model.gate_parameters():
-                            q.copy_(project(q))  # Π_H, eq. [15]
+                    ) from None
                 if t.audit:
                     self.audit.track(model)
                 b = int(y.shape[0])
