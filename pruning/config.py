@@ -148,7 +148,7 @@ class TrainConfig:
     amp_bf16: bool = False
     channels_last: bool = False
     log_every: int = 10
-    tensorboard: bool = False
+    tensorboard: bool = True
     progress: bool = True
     out_dir: str = ""  # "" = runs/<config file stem>
     audit: bool = False  # pruning audit mode: ε-rule flags structures but keeps them (pruning.audit)
