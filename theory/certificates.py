@@ -867,14 +867,14 @@ def theorem52_check(
 
 
 register(
-    "theorem5.1", instances=16, group="dynamics",
+    "theorem5.1", instances=100, group="dynamics",
     description="Theorem 5.1 [31]-[32]: from random starts in D_B(a, rho) (k = Lemma-1 constant of §7, 2rho <= R^2) "
     "V_B never increases, V_B' <= -(kappa_B theta_B + lambda||W||^2), theta_B <= theta_B(0) - (c_B - k rho) t hits 0 "
     "in finite time, and with lambda > 0 ||W||^2 <= ||W(0)||^2 exp(2k int theta_B - 2 lambda t) -> 0.",
 )(theorem51_check)
 
 register(
-    "theorem5.2", instances=12, group="dynamics",
+    "theorem5.2", instances=100, group="dynamics",
     description="Theorem 5.2 [33]-[34]: from random starts with unit i in D_i(a, rho) and ||W|| <= R, V_i never "
     "increases, V_i' <= -(kappa_1 theta_B theta_i + lambda||u_i||^2), "
     "theta_i <= theta_i(0) - (c_1 - k rho) int theta_B, theta_B theta_i -> 0 and with lambda > 0 (w_i, v_i) -> 0; "
@@ -965,13 +965,13 @@ def vdot_check(
 
 
 register(
-    "vdot5.1", instances=8, group="dynamics",
+    "vdot5.1", instances=40, group="dynamics",
     description="The Lyapunov rate bound [32] V_B' <= -(kappa_B theta_B + lambda||W||^2) at random points of "
     "D_B(a, rho), a third on its boundary, half with every unit along the most useful direction (exact field).",
 )(lambda rng, n, progress: vdot_check(rng, n, progress, unit=False))
 
 register(
-    "vdot5.2", instances=8, group="dynamics",
+    "vdot5.2", instances=40, group="dynamics",
     description="The Lyapunov rate bound [34] V_i' <= -(kappa_1 theta_B theta_i + lambda||u_i||^2) at random points "
     "of D_i(a, rho) inside Lemma 1's ball ||W|| <= R (exact field).",
 )(lambda rng, n, progress: vdot_check(rng, n, progress, unit=True))

@@ -87,7 +87,9 @@ def registry() -> dict[str, RegisteredCheck]:
     """All registered checks, importing :data:`CHECK_MODULES` first."""
     for mod in CHECK_MODULES:
         importlib.import_module(mod)
-    return dict(_REGISTRY)
+    order = {mod: i for i, mod in enumerate(CHECK_MODULES)}
+    ranked = sorted(_REGISTRY.values(), key=lambda c: order.get(c.fn.__module__, len(order)))  # stable
+    return {c.name: c for c in ranked}
 
 
 def select(only: str | None) -> list[RegisteredCheck]:
