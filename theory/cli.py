@@ -42,12 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="report directory (results.json, summary.md, checks.png)")
     v.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     v.set_defaults(func=cmd_verify)
-    try:
-        from .basin import add_basin_parser
-    except ImportError:  # pragma: no cover - basin maps are optional during development
-        pass
-    else:
-        add_basin_parser(sub)
+    from .basin import add_basin_parser
+
+    add_basin_parser(sub)
     return parser
 
 
