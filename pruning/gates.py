@@ -25,11 +25,18 @@ Gradient estimators of ``∂E/∂θ`` (§5, [19]–[21]):
 * ``"straight-through"`` (default, first-order Taylor): the forward pass uses
   the sample ``ξ`` and the backward pass treats the gate as a multiplier,
   ``ξ_st = θ + (ξ − θ).detach()``, so back-propagation yields ``∂L̂/∂ξ`` at the
-  sample as the gradient of ``θ``.
+  sample as the gradient of ``θ`` (one autograd node, :class:`StraightThrough`:
+  forward ``ξ``, backward the identity).
 * ``"exact-difference"`` (unbiased): the forward pass uses the detached sample
   (``θ`` receives no autograd gradient); the estimate of ``∂E/∂θ`` comes from
   :meth:`pruning.models.GatedNetwork.exact_gate_grads` (two forward passes per
   gate, the gate forced on and off).
+
+Sampling.  :meth:`Gate.draw` is the one sampler.  A network draws the samples of
+all its gates with one ``bernoulli`` call per forward pass
+(:func:`shared_sample`, used by :class:`pruning.models.GatedNetwork`): the same
+distribution (independent ``Bernoulli(θ_i)``), one random-number kernel
+instead of one per gate; a gate used outside such a pass draws its own.
 
 ``θ`` is initialised to ``theta_init`` (default 1.0: the starting network is
 the full deterministic network; the seed's Table 1 value of the initial ``θ``
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +77,22 @@ def has_unit_gates(mode: str) -> bool:
     return check_choice("mode", mode, MODES) in ("combined", "unit")
 
 
+class StraightThrough(torch.autograd.Function):
+    """``ξ_st``: the value ``ξ`` in the forward pass, the identity to ``θ`` in the backward pass.
+
+    The same as ``θ + (ξ − θ).detach()`` (exactly: ``ξ`` itself is returned, and ``∂ξ_st/∂θ = 1``),
+    in one autograd node instead of three operations.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, xi: Tensor) -> Tensor:  # noqa: ARG004 - Function signature
+        return xi.view_as(xi)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
 class Gate(nn.Module):
     """Base class: ``θ`` parameter, sampling, mean field, straight-through, fixing."""
 
@@ -79,6 +103,8 @@ class Gate(nn.Module):
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.theta = nn.Parameter(torch.full(shape, float(theta_init), dtype=torch.float32))
         self._fixed: Tensor | None = None
+        # this forward pass's (sample, straight-through multiplier or None), drawn by shared_sample
+        self._presampled: tuple[Tensor, Tensor | None] | None = None
         self.last_sample: Tensor | None = None
 
     # -- sampling ------------------------------------------------------------------------------
@@ -105,10 +131,16 @@ class Gate(nn.Module):
             return self._fixed
         if not self.training:
             return self.theta  # mean field
+        state = self.__dict__  # plain attributes, written without nn.Module.__setattr__ (hot path)
+        pre = state.get("_presampled")
+        if pre is not None:
+            state["_presampled"] = None  # one use: a second call in the same pass draws afresh
+            state["last_sample"] = pre[0]
+            return pre[0] if pre[1] is None else pre[1]
         xi = self.draw()
-        self.last_sample = xi
+        state["last_sample"] = xi
         if self.estimator == "straight-through":
-            return self.theta + (xi - self.theta).detach()
+            return StraightThrough.apply(self.theta, xi)
         return xi
 
     def extra_repr(self) -> str:
@@ -152,6 +184,42 @@ def gate_modules(module: nn.Module) -> list[Gate]:
 
 
 @contextmanager
+def shared_sample(gates: Sequence[Gate]) -> Iterator[None]:
+    """Draw the samples of every sampling gate (train mode, not fixed) with one ``bernoulli`` call.
+
+    Inside the block each such gate's next :meth:`Gate.multiplier` uses its share of that draw (the
+    same law as :meth:`Gate.draw`: independent ``Bernoulli(θ_i)``, ``θ`` clamped to ``[0, 1]``);
+    unused shares are discarded on exit.  A no-op when no gate samples.
+    """
+    live = [g for g in gates if g.training and g._fixed is None]
+    if not live:
+        yield
+        return
+    try:
+        thetas = [g.theta for g in live]
+        sizes = [t.numel() for t in thetas]
+        st = any(g.estimator == "straight-through" for g in live)
+        flat_parts = [t if t.dim() == 1 else t.reshape(-1) for t in thetas]
+        flat = torch.cat(flat_parts) if len(flat_parts) > 1 else flat_parts[0]
+        if not st:
+            flat = flat.detach()
+        with torch.no_grad():
+            xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0))
+        samples = xi.split(sizes)
+        # straight-through: one autograd node for every gate (the identity to the concatenated θ)
+        multipliers = StraightThrough.apply(flat, xi).split(sizes) if st else samples
+        for g, t, sample, mult in zip(live, thetas, samples, multipliers):
+            if t.dim() != 1:
+                sample, mult = sample.view(t.shape), mult.view(t.shape)
+            # a plain attribute, written without nn.Module.__setattr__ (hot path)
+            g.__dict__["_presampled"] = (sample, mult if g.estimator == "straight-through" else None)
+        yield
+    finally:
+        for g in live:
+            g.__dict__["_presampled"] = None
+
+
+@contextmanager
 def fixed_gates(gates: Iterable[Gate], values: Iterable[Tensor | float | None]) -> Iterator[None]:
     """Temporarily pin each gate to its value; restores the previous pins on exit."""
     gates = list(gates)
@@ -170,10 +238,12 @@ __all__ = [
     "MODES",
     "BlockGate",
     "Gate",
+    "StraightThrough",
     "UnitGate",
     "check_choice",
     "fixed_gates",
     "gate_modules",
     "has_block_gates",
     "has_unit_gates",
+    "shared_sample",
 ]

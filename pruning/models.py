@@ -11,13 +11,19 @@ Read top to bottom:
 3. :class:`ResidualBlock` — the seed's Figure 1:
    ``z = ξ_2 ⊙ g(S x + ξ_B · path(x))`` where ``path`` is ``M + 1`` weight
    layers, the first ``M`` of them unit-gated.  A pruned block has
-   ``path = None`` and keeps its shortcut.
+   ``path = None`` and keeps its shortcut.  The gates of the path act
+   through the parameters (``ξ_1`` on the next weight's input channels,
+   ``ξ_B`` on the last BatchNorm's affine pair): the same function and
+   gradients as multiplying the activations, at ``O(|W|)`` cost
+   (:meth:`ResidualBlock.branch`).
 4. :class:`GatedNetwork` — ``stem -> blocks -> head`` with the API the trainer
    uses: :meth:`~GatedNetwork.spec` (the current structure as a
    :class:`theory.NetworkSpec`), :meth:`~GatedNetwork.block_gates` (the θ
    tensors laid out for :class:`theory.ComplexityModel`),
    :meth:`~GatedNetwork.gate_parameters`, :meth:`~GatedNetwork.weight_parameters`
    and :meth:`~GatedNetwork.exact_gate_grads` (the unbiased estimator of §5).
+   In train mode one ``bernoulli`` call draws every gate of a forward pass
+   (:func:`pruning.gates.shared_sample`).
 5. Builders — :func:`from_spec` instantiates any :class:`theory.NetworkSpec`;
    :func:`build_model` names ``residual_mlp``, ``resnet1d``,
    ``resnet20/56/110`` (CIFAR) and ``resnet50`` (ImageNet bottleneck) and
@@ -56,6 +62,7 @@ from .gates import (
     gate_modules,
     has_block_gates,
     has_unit_gates,
+    shared_sample,
 )
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -127,6 +134,42 @@ class WeightLayer(nn.Module):
             x = self.gate(x)
         return x
 
+    def forward_folded(self, x: Tensor, in_scale: Tensor | None, out_scale: Tensor | None) -> Tensor:
+        """``f(BN(op(in_scale ⊙ x)))·out_scale`` with both scales folded into the parameters; no own gate.
+
+        ``in_scale`` (the previous layer's unit-gate multiplier, one value per input channel) scales
+        the weight's input channels: ``op(x; W·diag(s)) = op(s ⊙ x; W)`` because ``op`` is linear —
+        also for a BatchNorm in train mode, whose batch statistics then are those of ``op(s ⊙ x)``.
+        ``out_scale`` (a block-gate multiplier, a scalar; only without an activation) scales the
+        BatchNorm's affine pair (``γ·s``, ``β·s``), or the weight and bias without BatchNorm.  Same
+        values and gradients as the unfolded forward, at ``O(|W|)`` instead of ``O(batch · activations)``.
+        """
+        op, bn, act = self.op, self.bn, self.act
+        w, b = op.weight, op.bias
+        if in_scale is not None:
+            if in_scale.dtype != w.dtype:
+                in_scale = in_scale.to(w.dtype)
+            w = w * in_scale.reshape((1, -1) + (1,) * (w.dim() - 2))
+        if out_scale is not None:
+            if act is not None:
+                raise ValueError("out_scale folds only into a layer without activation")
+            if out_scale.dtype != w.dtype:
+                out_scale = out_scale.to(w.dtype)
+            if bn is None:
+                w = w * out_scale
+                b = None if b is None else b * out_scale
+        x = F.linear(x, w, b) if isinstance(op, nn.Linear) else op._conv_forward(x, w, b)
+        if bn is not None:
+            if out_scale is None:
+                x = bn(x)
+            else:
+                gamma, beta = bn.weight, bn.bias
+                x = _batch_norm(bn, x, out_scale.expand(x.shape[1]) if gamma is None else gamma * out_scale,
+                                None if beta is None else beta * out_scale)
+        if act is not None:
+            x = act(x)
+        return x
+
     def spec(self) -> Layer:
         return Layer(
             self.kind,  # type: ignore[arg-type]
@@ -139,6 +182,23 @@ class WeightLayer(nn.Module):
             bn=self.bn is not None,
             act=self.act is not None,
         )
+
+
+def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``bn(x)`` with the affine pair ``(weight, bias)`` instead of ``(bn.weight, bn.bias)``.
+
+    Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward`` (batch statistics in train mode,
+    running statistics and ``num_batches_tracked`` updated the same way).
+    """
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
+                        weight, bias, use_batch, factor, bn.eps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,6 +236,9 @@ class ResidualBlock(nn.Module):
     shortcut: nn.Module
     out_act: nn.Module | None
     out_gate: UnitGate | None
+    #: Apply ``ξ_1``/``ξ_B`` through the parameters (see :meth:`branch`); set per network with
+    #: :attr:`GatedNetwork.fold_gates`.
+    fold_gates: bool = True
 
     def __init__(
         self,
@@ -211,12 +274,37 @@ class ResidualBlock(nn.Module):
         return [] if self.path is None else [cast(WeightLayer, m) for m in self.path]
 
     def branch(self, x: Tensor) -> Tensor:
-        """``ξ_B · path(x)`` (the nonlinear path with its block gate)."""
-        for layer in self.layers():
-            x = layer(x)
-        if self.block_gate is not None:
-            x = self.block_gate(x)
-        return x
+        """``ξ_B · path(x)`` (the nonlinear path with its block gate).
+
+        With :attr:`fold_gates` (the default) the gates act through the parameters
+        (:meth:`WeightLayer.forward_folded`): each ``ξ_1`` scales the input channels of the next
+        layer's weight — exact, as that layer's operation is linear — and ``ξ_B`` the affine pair of
+        the path's last BatchNorm (or its weight and bias without BatchNorm).  The same function
+        and the same gradients (straight-through and fixed gates alike; tested) as multiplying the
+        activations, which ``fold_gates = False`` does.
+        """
+        layers = self.layers()
+        gate_B = self.block_gate
+        if not self.fold_gates:
+            for layer in layers:
+                x = layer(x)
+            return x if gate_B is None else gate_B(x)
+        scale: Tensor | None = None
+        last = len(layers) - 1
+        for j, layer in enumerate(layers):
+            gate = layer.gate
+            out_scale = None
+            if j == last and gate_B is not None and gate is None and layer.act is None:
+                out_scale = gate_B.multiplier()
+                gate_B = None  # folded
+            x = layer.forward_folded(x, scale, out_scale)
+            scale = None
+            if gate is not None:
+                if j == last:
+                    x = gate(x)
+                else:
+                    scale = gate.multiplier()
+        return x if gate_B is None else gate_B(x)
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.shortcut(x)
@@ -305,6 +393,17 @@ class GatedNetwork(nn.Module):
         for g in gate_modules(self):
             g.estimator = value
 
+    # -- gate folding (propagated to every block) ---------------------------------------------
+    @property
+    def fold_gates(self) -> bool:
+        """Whether the blocks apply ``ξ_1``/``ξ_B`` through the parameters (:meth:`ResidualBlock.branch`)."""
+        return all(b.fold_gates for b in self.block_list())
+
+    @fold_gates.setter
+    def fold_gates(self, value: bool) -> None:
+        for b in self.block_list():
+            b.fold_gates = bool(value)
+
     # -- forward ------------------------------------------------------------------------------
     def forward_stem(self, x: Tensor) -> Tensor:
         for layer in self.stem:
@@ -325,10 +424,12 @@ class GatedNetwork(nn.Module):
         return self.forward_head(z)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.forward_stem(x)
-        for block in self.blocks:
-            z = block(z)
-        return self.forward_head(z)
+        """Logits; in train mode every sampling gate's ``ξ`` comes from one shared draw (:func:`shared_sample`)."""
+        with shared_sample(self.sampling_order()) if self.training else nullcontext():
+            z = self.forward_stem(x)
+            for block in self.blocks:
+                z = block(z)
+            return self.forward_head(z)
 
     # -- structure ----------------------------------------------------------------------------
     def spec(self) -> NetworkSpec:
@@ -343,6 +444,25 @@ class GatedNetwork(nn.Module):
             meta=self.meta,
         )
 
+    def _gate_table(self) -> list[tuple[BlockGate | None, tuple[UnitGate | None, ...], UnitGate | None]]:
+        """Per block: the block gate (alive blocks only), the ``M`` inner layers' unit gates, the output gate.
+
+        Read straight from the module dictionaries (what attribute access would return, without
+        ``nn.Module.__getattr__``): :meth:`gates`, :meth:`block_gates` and friends run several
+        times per training step.
+        """
+        out: list[Any] = []
+        for block in self.blocks._modules.values():
+            path = _submodule(block, "path")
+            out_gate = _submodule(block, "out_gate")
+            if path is None:
+                out.append((None, (), out_gate))
+                continue
+            layers = list(path._modules.values())
+            units = tuple(_submodule(layer, "gate") for layer in layers[:-1])
+            out.append((_submodule(block, "block_gate"), units, out_gate))
+        return out
+
     def block_gates(self) -> list[BlockGates]:
         """θ tensors (autograd-connected) aligned with ``spec().blocks`` for :class:`theory.ComplexityModel`.
 
@@ -351,30 +471,43 @@ class GatedNetwork(nn.Module):
         block; ``theta_2``: the output-gate θ of a residual MLP block with ``out_gated``, else ``None``.
         """
         out = []
-        for block in self.block_list():
-            theta_B = block.block_gate.theta if (block.alive and block.block_gate is not None) else None
-            units = block.unit_gates()
+        for gate_B, units, out_gate in self._gate_table():
             theta_1 = None
             if any(g is not None for g in units):
-                theta_1 = tuple(None if g is None else g.theta for g in units)
-            theta_2 = block.out_gate.theta if block.out_gate is not None else None
-            out.append(BlockGates(theta_B, theta_1, theta_2))
+                theta_1 = tuple(None if g is None else _theta(g) for g in units)
+            out.append(BlockGates(None if gate_B is None else _theta(gate_B), theta_1,
+                                  None if out_gate is None else _theta(out_gate)))
         return out
 
     def gates(self) -> list[Gate]:
         """Every gate module, block by block: ``ξ_B``, the ``ξ_1`` vectors, ``ξ_2``."""
         out: list[Gate] = []
-        for block in self.block_list():
-            if block.alive and block.block_gate is not None:
-                out.append(block.block_gate)
-            out.extend(g for g in block.unit_gates() if g is not None)
-            if block.out_gate is not None:
-                out.append(block.out_gate)
+        for gate_B, units, out_gate in self._gate_table():
+            if gate_B is not None:
+                out.append(gate_B)
+            out.extend(g for g in units if g is not None)
+            if out_gate is not None:
+                out.append(out_gate)
+        return out
+
+    def sampling_order(self) -> list[Gate]:
+        """Every gate in the order a forward pass uses it: per block the ``ξ_1`` vectors, ``ξ_B``, ``ξ_2``.
+
+        The shared draw of :meth:`forward` follows it, so its samples are those that one draw per
+        gate in forward order would give (one uniform number per gate, in sequence).
+        """
+        out: list[Gate] = []
+        for gate_B, units, out_gate in self._gate_table():
+            out.extend(g for g in units if g is not None)
+            if gate_B is not None:
+                out.append(gate_B)
+            if out_gate is not None:
+                out.append(out_gate)
         return out
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The θ parameters (one per gate module), in :meth:`gates` order."""
-        return [g.theta for g in self.gates()]
+        return [_theta(g) for g in self.gates()]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Every other parameter (weights, biases, BN affine pairs), in module order."""
@@ -462,6 +595,17 @@ class GatedNetwork(nn.Module):
                 for b, s in zip(m.buffers(recurse=False), bufs):
                     b.copy_(s)
         return {g.theta: raw[g].reshape(g.theta.shape).to(g.theta) for g in gates}
+
+
+def _submodule(module: Any, name: str) -> Any:
+    """``getattr(module, name)`` for a submodule slot (a module or ``None``), without ``nn.Module.__getattr__``."""
+    d = module.__dict__
+    return d[name] if name in d else d["_modules"].get(name)
+
+
+def _theta(gate: Gate) -> nn.Parameter:
+    """``gate.theta`` without ``nn.Module.__getattr__``."""
+    return gate._parameters["theta"]  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------

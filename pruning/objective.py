@@ -13,9 +13,11 @@ and implementations minimise ``J = L / N``:
   ``W`` is back-propagation through the sampled dropout network [17], with
   respect to ``Θ`` the straight-through estimate of ``∂E/∂θ`` ([18], [21]);
 * ``C(Θ) = Σ_l α_f E[F_l] + α_p E[P_l] + β θ_B^l`` is the expected complexity
-  [11], evaluated by the one complexity model (:mod:`theory.complexity`) on
-  the *current* (compacted) structure and the live ``θ`` tensors, so that
-  autograd gives the exact ``∇_Θ C`` of [12]/[18];
+  [11], evaluated by the one complexity model (:mod:`theory.complexity`, in
+  its compiled form :meth:`~theory.complexity.ComplexityModel.compile`: the
+  same terms in a few tensor operations) on the *current* (compacted)
+  structure and the live ``θ`` tensors, so that autograd gives the exact
+  ``∇_Θ C`` of [12]/[18];
 * ``(α_f, α_p, β)`` come from the user parameters ``(γ, ρ, δ)`` by [13]
   (:func:`theory.complexity.coefficients_for`) on the *baseline* structure,
   fixed for the whole run: pruning changes ``C``, not its prices;
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from theory.complexity import Coefficients, ComplexityModel, coefficients_for
+from theory.complexity import Coefficients, CompiledComplexity, ComplexityModel, coefficients_for
 from theory.spec import NetworkSpec
 
 
@@ -51,18 +53,34 @@ class ObjectiveTerms:
 
 
 class ModelCache:
-    """The :class:`ComplexityModel` of the latest structure, rebuilt only when the structure changes."""
+    """The :class:`ComplexityModel` of the latest structure, rebuilt only when the structure changes.
+
+    :meth:`compiled` gives the model's :class:`theory.complexity.CompiledComplexity` evaluations
+    (cached with it): the per-step hot path of ``C(Θ)`` and ``E[F]``.
+    """
 
     def __init__(self, *, elementwise: bool) -> None:
         self.elementwise = elementwise
         self._spec: NetworkSpec | None = None
         self._model: ComplexityModel | None = None
+        self._compiled: dict[tuple[Coefficients | None, tuple[str, ...] | str], CompiledComplexity] = {}
 
     def __call__(self, spec: NetworkSpec) -> ComplexityModel:
         if self._model is None or (spec is not self._spec and spec != self._spec):
             self._model = ComplexityModel(spec, elementwise=self.elementwise)
             self._spec = spec
+            self._compiled = {}
         return self._model
+
+    def compiled(
+        self, spec: NetworkSpec, coeffs: Coefficients | None, what: str | tuple[str, ...]
+    ) -> CompiledComplexity:
+        """``ComplexityModel(spec).compile(coeffs, what)``, built once per structure."""
+        model = self(spec)
+        fn = self._compiled.get((coeffs, what))
+        if fn is None:
+            fn = self._compiled[(coeffs, what)] = model.compile(coeffs, what)
+        return fn
 
 
 class Objective:
@@ -109,10 +127,11 @@ class Objective:
         """
         if self.coeffs is None:
             return torch.zeros((), device=_device_of(model))
-        cm = self.complexity_model(model.spec() if spec is None else spec)
-        # gates come from the model's own spec and are projected onto H after every step:
-        # skip the range check (it would force a device sync on every iteration)
-        value = cm.complexity(model.block_gates(), self.coeffs, check=False)
+        fn = self.complexity_model.compiled(model.spec() if spec is None else spec, self.coeffs, "complexity")
+        # the compiled form of ComplexityModel.complexity (same terms, a few tensor operations); the
+        # gates come from the model's own spec and are projected onto H after every step, so the
+        # range check is skipped (it would force a device sync on every iteration)
+        value = fn(model.block_gates())
         if not torch.is_tensor(value):  # no gate at all left: C is a constant
             value = torch.tensor(float(value), device=_device_of(model))
         return value
@@ -124,8 +143,7 @@ class Objective:
         if not params or self.weight_decay == 0.0:
             dev = params[0].device if params else None
             return torch.zeros((), device=dev)
-        sq = torch.stack([p.float().pow(2).sum() for p in params]).sum()
-        return 0.5 * self.weight_decay * sq
+        return 0.5 * self.weight_decay * _SquaredNorm.apply(*params)
 
     def __call__(
         self, model: Any, output: torch.Tensor, target: torch.Tensor, *, spec: NetworkSpec | None = None
@@ -135,6 +153,24 @@ class Objective:
         comp = self.complexity(model, spec) / self.N
         weight = self.weight_term(model.weight_parameters())
         return ObjectiveTerms(total=data + comp + weight, data=data, complexity=comp, weight=weight)
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """``Σ_p ||p||²`` (float32) of many tensors: one ``foreach`` norm forward, one ``foreach`` product backward.
+
+    The same value and gradient (``2 g p``) as ``Σ_p p.pow(2).sum()``, without two operations per
+    tensor in each direction (a network has dozens of weight tensors; this runs every step).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*params)
+        return torch.stack(torch._foreach_norm(params)).float().square().sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = ctx.saved_tensors
+        return tuple(torch._foreach_mul(params, 2.0 * grad))
 
 
 class CostMeter:
@@ -154,15 +190,16 @@ class CostMeter:
     @torch.no_grad()
     def expected(self, model: Any, spec: NetworkSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``E[F]``, ``E[P]`` ([9], [10]) of the surviving network at the current ``θ`` (float64 tensors)."""
-        cm = self.model_for(model.spec() if spec is None else spec)
-        gates = model.block_gates()
+        fn = self.model_for.compiled(model.spec() if spec is None else spec, None, ("flops", "params"))
         dev = _device_of(model)
-        return _as_tensor(cm.flops(gates), dev), _as_tensor(cm.params(gates), dev)
+        ef, ep = fn(model.block_gates(), dtype=torch.float64)
+        return _as_tensor(ef, dev), _as_tensor(ep, dev)
 
     @torch.no_grad()
     def expected_flops(self, model: Any, spec: NetworkSpec) -> torch.Tensor:
-        """``E[F]`` alone (the per-iteration training cost of Figure 4)."""
-        return _as_tensor(self.model_for(spec).flops(model.block_gates(), check=False), _device_of(model))
+        """``E[F]`` alone (the per-iteration training cost of Figure 4), compiled, in float64."""
+        fn = self.model_for.compiled(spec, None, "flops")
+        return _as_tensor(fn(model.block_gates(), dtype=torch.float64), _device_of(model))
 
     def deterministic(self, spec: NetworkSpec) -> tuple[float, float]:
         """FLOPs and parameters of the deterministic network ``spec`` (all surviving gates 1)."""

@@ -335,3 +335,170 @@ def test_pruned_block_costs_only_its_shortcut():
     assert spec2.depth == 47 and spec2.prunable_blocks == 15
     c = Coefficients(0.0, 0.0, 1.0)
     assert float(m1.complexity(None, c)) - float(m2.complexity(None, c)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled evaluation (ComplexityModel.compile): the same terms, a few array operations
+# ---------------------------------------------------------------------------------------------
+
+
+def _pruned(spec: NetworkSpec, dead: tuple[int, ...]) -> NetworkSpec:
+    """``spec`` with the paths of blocks ``dead`` removed (replaced by their shortcuts), as compaction does."""
+    blocks = list(spec.blocks)
+    for l in dead:
+        b = blocks[l]
+        blocks[l] = Block(b.in_width, b.out_width, (), b.shortcut, b.shortcut_layer, out_size=b.out_size,
+                          out_gated=b.out_gated, out_act=b.out_act, name=b.name)
+    return NetworkSpec(spec.name, spec.input_shape, spec.stem, tuple(blocks), spec.head, spec.num_classes,
+                       meta=spec.meta)
+
+
+_COMPILED_SPECS = [
+    resnet_cifar(20),
+    resnet1d((2, 1), (4, 6), length=8),
+    residual_mlp(3, [2, 4, 1], 2, out_gated=True),
+    residual_mlp(5, [3], 4),
+    resnet50(),
+    _pruned(resnet_cifar(20), (1, 4)),
+    _pruned(resnet50(), (0, 7, 15)),
+    _pruned(residual_mlp(3, [2, 4, 1], 2, out_gated=True), (1,)),
+]
+
+
+def _random_layout_gates(rng, spec, layout: str):
+    """Random θ for one gate layout: all kinds, block-only, unit-only, or a random mix with None entries."""
+    gates = []
+    for b in spec.blocks:
+        alive = b.alive
+        tb = np.asarray(rng.uniform()) if alive and layout in ("all", "layer") else None
+        t1 = None
+        if alive and layout in ("all", "unit"):
+            t1 = tuple(rng.uniform(size=n) for n in b.unit_widths)
+        if alive and layout == "mixed":
+            tb = np.asarray(rng.uniform()) if rng.uniform() < 0.5 else None
+            t1 = tuple(rng.uniform(size=n) if rng.uniform() < 0.6 else None for n in b.unit_widths)
+        t2 = rng.uniform(size=b.out_width) if (b.out_gated and layout != "layer" and rng.uniform() < 0.8) else None
+        gates.append(BlockGates(tb, t1, t2))
+    return gates
+
+
+@pytest.mark.parametrize("spec", _COMPILED_SPECS, ids=lambda s: f"{s.name}-{s.prunable_blocks}")
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_compiled_equals_term_loop(spec, elementwise):
+    """C(Θ), E[F], E[P] of the compiled evaluation equal the term loop to 1e-12 (float64), every layout."""
+    model = ComplexityModel(spec, elementwise=elementwise)
+    rng = np.random.default_rng(7)
+    coeffs = Coefficients(1e-3, 2e-2, 0.7)
+    both = model.compile(coeffs, ("complexity", "flops", "params"))
+    c_only = model.compile(coeffs)
+    for layout in ("all", "layer", "unit", "mixed", "mixed", "none"):
+        gates = None if layout == "none" else _random_layout_gates(rng, spec, layout)
+        c, f, p = both(gates)
+        assert float(c) == pytest.approx(float(model.complexity(gates, coeffs)), rel=1e-12)
+        assert float(f) == pytest.approx(float(model.flops(gates)), rel=1e-12)
+        assert float(p) == pytest.approx(float(model.params(gates)), rel=1e-12)
+        assert float(c_only(gates)) == pytest.approx(float(c), rel=1e-14)
+    assert model.compile().what == ("flops",) and model.compile(coeffs).what == ("complexity",)
+
+
+def test_compiled_zero_and_one_gates_and_no_gate():
+    """Deterministic vertices (θ ∈ {0, 1}) and a network without gates: exact values, floats when nothing is gated."""
+    spec = _pruned(resnet_cifar(20), (2,))
+    model = ComplexityModel(spec, elementwise=True)
+    coeffs = Coefficients(1e-3, 2e-2, 0.7)
+    fn = model.compile(coeffs, ("complexity", "flops"))
+    ones = ones_gates(spec)
+    assert fn(ones) == pytest.approx((float(model.complexity(ones, coeffs)), float(model.flops(ones))), rel=1e-14)
+    zeros = [BlockGates(None if g.theta_B is None else 0 * g.theta_B,
+                        None if g.theta_1 is None else tuple(0 * t for t in g.theta_1), None) for g in ones]
+    assert float(fn(zeros)[1]) == pytest.approx(float(model.flops(zeros)), rel=1e-14)
+    c, f = fn(None)
+    assert isinstance(c, float) and isinstance(f, float)
+    assert (c, f) == pytest.approx((float(model.complexity(None, coeffs)), float(model.flops())), rel=1e-14)
+
+
+def test_compiled_batched_numpy_and_object_arrays():
+    """Leading batch axes as in the loop; object arrays (sympy symbols) go through the same plan."""
+    sympy = pytest.importorskip("sympy")
+    spec = residual_mlp(3, [4, 2], 2, out_gated=True)
+    model = ComplexityModel(spec, elementwise=True)
+    coeffs = Coefficients(0.5, 0.25, 2.0)
+    rng = np.random.default_rng(2)
+    batched = [BlockGates(rng.uniform(size=5), (rng.uniform(size=(5, n)),), rng.uniform(size=(5, 3)))
+               for n in (4, 2)]
+    got = model.compile(coeffs)(batched)
+    np.testing.assert_allclose(got, model.complexity(batched, coeffs), rtol=1e-12)
+    assert got.shape == (5,)
+    syms = [BlockGates(sympy.Symbol(f"b{l}"), (np.array(sympy.symbols(f"u{l}_0:{n}"), dtype=object),),
+                       np.array(sympy.symbols(f"o{l}_0:3"), dtype=object)) for l, n in enumerate((4, 2))]
+    compiled, loop = model.compile(coeffs)(syms), model.complexity(syms, coeffs)
+    symbols = sorted(sympy.sympify(loop).free_symbols, key=str)
+    assert sorted(sympy.sympify(compiled).free_symbols, key=str) == symbols
+    for _ in range(3):
+        point = {x: float(v) for x, v in zip(symbols, rng.uniform(size=len(symbols)))}
+        assert float(compiled.subs(point)) == pytest.approx(float(loop.subs(point)), rel=1e-12)
+
+
+def test_compiled_torch_value_and_autograd_match_analytic_gradient():
+    torch = pytest.importorskip("torch")
+    for spec in (resnet1d((2, 1), (4, 6), length=8), _pruned(resnet50(), (3,)),
+                 residual_mlp(3, [2, 4], 2, out_gated=True)):
+        model = ComplexityModel(spec, elementwise=True)
+        rng = np.random.default_rng(3)
+        coeffs = Coefficients(1e-3, 2e-2, 0.5)
+        np_gates = _random_layout_gates(rng, spec, "all")
+        t_gates = [
+            BlockGates(
+                None if g.theta_B is None else torch.tensor(float(g.theta_B), dtype=torch.float64, requires_grad=True),
+                None if g.theta_1 is None else tuple(torch.tensor(t, requires_grad=True) for t in g.theta_1),
+                None if g.theta_2 is None else torch.tensor(g.theta_2, requires_grad=True),
+            )
+            for g in np_gates
+        ]
+        c, f = model.compile(coeffs, ("complexity", "flops"))(t_gates)
+        assert float(c.detach()) == pytest.approx(float(model.complexity(np_gates, coeffs)), rel=1e-12)
+        assert float(f.detach()) == pytest.approx(float(model.flops(np_gates)), rel=1e-12)
+        c.backward()
+        for tg, gg in zip(t_gates, model.grad(np_gates, coeffs)):
+            if tg.theta_B is not None:
+                assert float(tg.theta_B.grad) == pytest.approx(float(gg.theta_B), rel=1e-10)
+            for t, g in zip(tg.theta_1 or (), gg.theta_1):
+                np.testing.assert_allclose(t.grad.numpy(), g, rtol=1e-10)
+            if tg.theta_2 is not None:
+                np.testing.assert_allclose(tg.theta_2.grad.numpy(), gg.theta_2, rtol=1e-10)
+        # float32 gates, float64 evaluation on request
+        f32 = [BlockGates(None if g.theta_B is None else g.theta_B.detach().float(),
+                          None if g.theta_1 is None else tuple(t.detach().float() for t in g.theta_1),
+                          None if g.theta_2 is None else g.theta_2.detach().float()) for g in t_gates]
+        f64 = model.compile(None, "flops")(f32, dtype=torch.float64)
+        assert f64.dtype == torch.float64
+        assert float(f64) == pytest.approx(float(model.flops(f32)), rel=1e-6)
+
+
+def test_compiled_validation_and_arguments():
+    spec = residual_mlp(3, [2, 2], 2)
+    model = ComplexityModel(spec)
+    good = ones_gates(spec, outputs=False)
+    bad = list(good)
+    bad[0] = BlockGates(np.asarray(1.2), (np.ones(2),), None)
+    fn = model.compile(Coefficients(1.0, 1.0, 1.0))
+    fn(bad)  # no check by default (the hot path)
+    with pytest.raises(ValueError, match=r"gates\[0\]\.theta_B must lie in \[0, 1\]"):
+        fn(bad, check=True)
+    with pytest.raises(ValueError, match="what must name"):
+        model.compile(None, "energy")
+    with pytest.raises(ValueError, match="needs its Coefficients"):
+        model.compile(None, "complexity")
+
+
+def test_compile_keeps_theory_free_of_torch():
+    """Compiling and evaluating on numpy gates never imports torch (only torch gates do)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from theory import resnet_cifar, ComplexityModel, ones_gates, Coefficients; "
+        "m = ComplexityModel(resnet_cifar(20)); m.compile(Coefficients(1, 1, 1))(ones_gates(m.spec)); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -170,3 +170,77 @@ def test_exact_difference_deterministic_vertex():
             no_unit0 = loss_fn(model(x), y)
     assert torch.allclose(est[bg.theta], full - no_block)
     assert torch.allclose(est[ug.theta][0], full - no_unit0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampling hot path: one straight-through node, one shared draw per forward pass
+# ------------------------------------------------------------------------------------------------
+
+
+def test_straight_through_node_equals_detach_formulation():
+    from pruning.gates import StraightThrough
+
+    theta = torch.tensor([0.2, 0.7, 0.5], requires_grad=True)
+    xi = torch.tensor([0.0, 1.0, 1.0])
+    w = torch.tensor([1.5, -2.0, 0.3])
+    st = StraightThrough.apply(theta, xi)
+    assert torch.equal(st, xi)  # exactly the sample, not θ + (ξ − θ) rounded
+    (g1,) = torch.autograd.grad((st * w).sum() ** 2, theta)
+    ref = theta + (xi - theta).detach()
+    (g2,) = torch.autograd.grad((ref * w).sum() ** 2, theta)
+    assert torch.allclose(g1, g2)
+
+
+def test_shared_sample_equals_one_draw_per_gate_in_order():
+    from pruning.gates import shared_sample
+
+    gates = [UnitGate(5, theta_init=0.3), BlockGate(theta_init=0.6), UnitGate(3, theta_init=0.5),
+             BlockGate(theta_init=0.9, estimator="exact-difference")]
+    for g in gates:
+        g.train()
+    torch.manual_seed(11)
+    separate = [g.draw() for g in gates]
+    torch.manual_seed(11)
+    with shared_sample(gates):
+        used = [g.multiplier() for g in gates]
+        assert all(g._presampled is None for g in gates)  # each share is used once
+    for g, xi, m in zip(gates, separate, used):
+        assert m.shape == g.theta.shape and torch.equal(m, xi) and torch.equal(g.last_sample, xi)
+    assert used[1].requires_grad and not used[3].requires_grad  # straight-through vs exact-difference
+    used[1].backward()
+    assert float(gates[1].theta.grad) == 1.0
+    assert all(g._presampled is None for g in gates)
+
+
+def test_shared_sample_skips_fixed_and_eval_gates_and_clears_on_exit():
+    from pruning.gates import shared_sample
+
+    a, b, c = UnitGate(4, theta_init=0.5).train(), UnitGate(4, theta_init=0.5).eval(), BlockGate(theta_init=0.5)
+    c.train()
+    c.fix(1.0)
+    with shared_sample([a, b, c]):
+        assert a._presampled is not None and b._presampled is None and c._presampled is None
+        assert torch.equal(b.multiplier(), b.theta) and float(c.multiplier()) == 1.0
+    assert a._presampled is None  # unused share dropped: the next call draws afresh
+    assert a.multiplier().shape == (4,)
+
+
+def test_network_straight_through_gradient_is_dloss_dxi_at_the_shared_sample():
+    """θ.grad of every gate of a network = ∂L/∂ξ at the sample the forward pass drew."""
+    torch.manual_seed(2)
+    model = build_model("resnet1d", stage_blocks=(1, 1), widths=(3, 4), length=8, num_classes=3,
+                        theta_init=0.6).double().train()
+    x, y = torch.randn(5, 1, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    loss_fn = torch.nn.functional.cross_entropy
+    loss_fn(model(x), y).backward()
+    gates = model.gates()
+    leaves = [g.last_sample.clone().requires_grad_(True) for g in gates]
+    for g, leaf in zip(gates, leaves):
+        g._fixed = leaf  # a pinned value that autograd can differentiate
+    try:
+        dxi = torch.autograd.grad(loss_fn(model(x), y), leaves)
+    finally:
+        for g in gates:
+            g.fix(None)
+    for g, d in zip(gates, dxi):
+        assert torch.allclose(g.theta.grad, d, rtol=1e-10, atol=1e-12)

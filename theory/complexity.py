@@ -22,7 +22,11 @@ the *other* factors.  :func:`compile_terms` turns a :class:`NetworkSpec` into
 these terms once; evaluation then only needs sums and products, so the same
 code runs on numpy arrays and torch tensors (with leading batch axes), and
 torch autograd through :func:`complexity` agrees with the analytic
-:func:`complexity_grad`.
+:func:`complexity_grad`.  :meth:`ComplexityModel.compile` evaluates the same
+terms as a handful of array operations (:class:`CompiledComplexity`: one
+segment sum, a gather per factor column, one matrix–vector product) — the
+per-step path of the trainer; the term loop stays the reference (and the
+general path: mixed broadcasting, per-layer tables, gradients).
 
 Counting conventions (§3, "two uses of one model"): with ``elementwise=False``
 the model counts conv + linear multiply–accumulates and parameters including
@@ -386,6 +390,214 @@ class ComplexityModel:
             grads.append(GateGrads(gB, tuple(dU[l]), vec1, vec2))
         return grads
 
+    # -- compiled evaluation (hot loops) --------------------------------------------------------
+    def compile(
+        self, coeffs: Coefficients | None = None, what: str | Sequence[str] | None = None
+    ) -> CompiledComplexity:
+        """A :class:`CompiledComplexity`: the same terms evaluated in a few array operations per call.
+
+        ``what``: ``"complexity"`` (``C(Θ)`` [11] with ``coeffs``), ``"flops"`` (``E[F]`` [9]),
+        ``"params"`` (``E[P]`` [10]) or a sequence of them (one tuple back per call); by default
+        ``"complexity"`` when ``coeffs`` are given, else ``"flops"``.  ``model.compile(c)(gates)``
+        equals ``model.complexity(gates, c, check=False)`` up to rounding (tested to 1e-12 in float64).
+        """
+        if what is None:
+            what = "complexity" if coeffs is not None else "flops"
+        return CompiledComplexity(self, coeffs, what)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled evaluation: the same terms as a handful of array operations (the trainer's hot path)
+# --------------------------------------------------------------------------------------------------
+
+#: Quantities a :class:`CompiledComplexity` evaluates: ``C(Θ)`` [11], ``E[F]`` [9], ``E[P]`` [10].
+QUANTITIES = ("complexity", "flops", "params")
+
+_Layout = tuple[tuple[bool, tuple[bool, ...] | None, bool], ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The terms of one gate layout as arrays over ``ext = [0, |θ_g|₁ …, θ_B …]``.
+
+    Row ``r`` is ``Π_k (ext[idx[r, k]] + off[r, k])``: a gated factor points at its group sum or
+    block gate with the term's offset, padding is ``(0, 1)``.  Ungated factors (fixed widths, and
+    ``θ_B = 1`` where the block gate is absent) are constants: they are multiplied into the row's
+    weights, and rows with the same gated factors are merged; the all-constant row (``idx = 0``,
+    ``off = 1``) carries the constant part.  ``seg[i]`` is the slot of the ``i``-th entry of the
+    concatenation ``[θ vectors …, θ_B …]`` (a vector's entries all go to the slot of its sum).
+    """
+
+    seg: np.ndarray  # (Σ lengths + blocks,) int64
+    idx: np.ndarray  # (rows, width) int64
+    off: np.ndarray  # (rows, width) float64
+    weights: np.ndarray  # (rows, k) float64: one column per requested quantity
+    slots: int  # len(ext)
+    constant: bool  # no row depends on a gate
+
+
+class CompiledComplexity:
+    """``C(Θ)``, ``E[F]`` and/or ``E[P]`` of one :class:`ComplexityModel` in a few array operations.
+
+    Made by :meth:`ComplexityModel.compile`.  It evaluates *the same terms* (:func:`compile_terms`,
+    held by the model) as :meth:`ComplexityModel.complexity`, ``flops`` and ``params`` — agreement
+    to rounding is tested — but instead of a Python loop over every term each call does:
+
+    1. one concatenation of every gate vector and block gate, one segment sum (``index_add``) into
+       ``ext = [0, |θ_g|₁ …, θ_B …]``;
+    2. one gather of ``ext`` per factor column (a term has at most three factors), offsets added,
+       the columns multiplied;
+    3. one matrix–vector product with the per-term coefficients (constants included).
+
+    Works on torch tensors (differentiable: autograd gives ``∇_Θ C`` of [12]/[18]) and numpy arrays
+    (object arrays too), with leading batch axes shared by all gates.  The plan depends only on
+    which gates are present (``None`` entries); it is built once per layout and cached, and so are
+    its torch constants per device and dtype.  ``check=True`` validates the gates
+    (:func:`validate_gates`; off by default: this is the hot path and the range check reads every
+    ``θ`` back to the host); ``dtype`` casts the gate values first (e.g. ``torch.float64`` for
+    reported numbers).  Returns one value (``what`` a string) or a tuple in the order of ``what``;
+    Python floats when no gate enters.  Torch is imported only when torch gates are passed.
+    """
+
+    def __init__(
+        self, model: ComplexityModel, coeffs: Coefficients | None = None, what: str | Sequence[str] = "complexity"
+    ) -> None:
+        names = (what,) if isinstance(what, str) else tuple(what)
+        if not names or any(n not in QUANTITIES for n in names):
+            raise ValueError(f"what must name one or more of {', '.join(QUANTITIES)}; got {what!r}")
+        if "complexity" in names and coeffs is None:
+            raise ValueError("the complexity C(Θ) needs its Coefficients")
+        self.model, self.coeffs, self.what = model, coeffs, names
+        self._single = isinstance(what, str)
+        self._plans: dict[_Layout, _Plan] = {}
+        self._torch_consts: dict[tuple[_Layout, Any, Any], tuple[Any, ...]] = {}
+
+    # -- plan -----------------------------------------------------------------------------------
+    def _weights(self, t: Term) -> np.ndarray:
+        coef = {"flops": t.coef_f, "params": t.coef_p}
+        if self.coeffs is not None:
+            coef["complexity"] = self.coeffs.alpha_f * t.coef_f + self.coeffs.alpha_p * t.coef_p
+        return np.array([coef[n] for n in self.what], dtype=np.float64)
+
+    def _plan(self, layout: _Layout) -> _Plan:
+        spec = self.model.spec
+        slot: dict[tuple[str, int, int], int] = {}
+        seg: list[int] = []
+        for l, (_, units, out) in enumerate(layout):
+            for j, present in enumerate(units or ()):
+                if present:
+                    slot["unit", l, j] = 1 + len(slot)
+                    seg += [slot["unit", l, j]] * spec.blocks[l].unit_widths[j]
+            if out:
+                slot["out", l, 0] = 1 + len(slot)
+                seg += [slot["out", l, 0]] * spec.blocks[l].out_width
+        for l, (has_B, _, _) in enumerate(layout):
+            if has_B:
+                slot["block", l, 0] = 1 + len(slot)
+                seg.append(slot["block", l, 0])
+        rows: dict[tuple[tuple[int, float], ...], np.ndarray] = {}
+
+        def add(factors: list[tuple[int, float]], w: np.ndarray) -> None:
+            key = tuple(sorted(f for f in factors if f[0]))
+            fixed = math.prod(o for s, o in factors if not s)
+            rows[key] = rows.get(key, np.zeros(len(self.what))) + w * fixed
+
+        for t in self.model.terms:
+            w = self._weights(t)
+            if not w.any():
+                continue
+            s_B = slot.get(("block", t.block, 0), 0) if t.block is not None else 0
+            factors = [(s_B, 0.0 if s_B else 1.0)]
+            for g, o in t.factors:
+                s = slot.get((g.kind, g.block, g.index), 0) if g.kind != "fixed" else 0
+                factors.append((s, float(o) if s else float(g.width + o)))
+            add(factors, w)
+        if "complexity" in self.what and self.coeffs is not None and self.coeffs.beta:
+            col = np.array([self.coeffs.beta if n == "complexity" else 0.0 for n in self.what])
+            for l, block in enumerate(spec.blocks):
+                if block.gated and block.alive:  # β θ_B^l (β alone where the block gate is fixed at 1)
+                    s = slot.get(("block", l, 0), 0)
+                    add([(s, 0.0 if s else 1.0)], col)
+        keys = list(rows) or [()]
+        width = max(1, *(len(key) for key in keys))
+        idx = np.array([[s for s, _ in key] + [0] * (width - len(key)) for key in keys], dtype=np.int64)
+        off = np.array([[o for _, o in key] + [1.0] * (width - len(key)) for key in keys], dtype=np.float64)
+        weights = np.array([rows.get(key, np.zeros(len(self.what))) for key in keys], dtype=np.float64)
+        return _Plan(np.array(seg, dtype=np.int64), idx, off, weights, 1 + len(slot), keys == [()])
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def __call__(self, gates: Gates | None, *, check: bool = False, dtype: Any = None) -> Any:
+        if check:
+            validate_gates(self.model.spec, gates)
+        values: list[Array] = []
+        layout = []
+        blocks: list[Array] = []
+        for bg in gates if gates is not None else [BlockGates() for _ in self.model.spec.blocks]:
+            if bg.theta_1 is not None:
+                values.extend(t for t in bg.theta_1 if t is not None)
+            if bg.theta_2 is not None:
+                values.append(bg.theta_2)
+            if bg.theta_B is not None:
+                blocks.append(bg.theta_B)
+            layout.append((bg.theta_B is not None,
+                           None if bg.theta_1 is None else tuple(t is not None for t in bg.theta_1),
+                           bg.theta_2 is not None))
+        key = tuple(layout)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(key)
+        if plan.constant or not (values or blocks):
+            out = tuple(float(v) for v in plan.weights.sum(0))
+        elif _is_torch((values or blocks)[0]):
+            out = self._torch(key, plan, values, blocks, dtype)
+        else:
+            out = self._numpy(plan, values, blocks, dtype)
+        return out[0] if self._single else out
+
+    def _numpy(self, plan: _Plan, vecs: list[Array], blocks: list[Array], dtype: Any) -> tuple[Any, ...]:
+        vecs = [np.asarray(v, dtype=dtype) for v in vecs]
+        blocks = [np.asarray(b, dtype=dtype) for b in blocks]
+        batch = np.broadcast_shapes(*[v.shape[:-1] for v in vecs], *[b.shape for b in blocks])
+        flat = np.concatenate([np.broadcast_to(v, batch + v.shape[-1:]) for v in vecs]
+                              + [np.broadcast_to(b, batch)[..., None] for b in blocks], -1)
+        ext = np.zeros((plan.slots,) + batch, dtype=flat.dtype)
+        np.add.at(ext, plan.seg, np.moveaxis(flat, -1, 0))  # the segment sum (object arrays too)
+        ext = np.moveaxis(ext, 0, -1)
+        vals = (np.take(ext, plan.idx, axis=-1) + plan.off).prod(-1)
+        out = vals @ plan.weights
+        return tuple(out[..., i][()] for i in range(out.shape[-1]))  # [()]: a scalar when unbatched
+
+    def _torch(self, key: _Layout, plan: _Plan, vecs: list[Array], blocks: list[Array], dtype: Any) -> tuple[Any, ...]:
+        import torch  # only reached with torch gates: theory/ itself never imports torch
+
+        ref = (vecs or blocks)[0]
+        dt = ref.dtype if dtype is None else dtype
+        consts = self._torch_consts.get((key, ref.device, dt))
+        if consts is None:
+            k = len(self.what)
+            consts = (
+                torch.as_tensor(plan.seg, dtype=torch.long, device=ref.device),
+                [torch.as_tensor(plan.idx[:, c].copy(), dtype=torch.long, device=ref.device)
+                 for c in range(plan.idx.shape[1])],
+                [torch.as_tensor(plan.off[:, c].copy(), dtype=dt, device=ref.device) for c in range(plan.off.shape[1])],
+                torch.as_tensor(plan.weights[:, 0] if k == 1 else plan.weights, dtype=dt, device=ref.device),
+            )
+            self._torch_consts[(key, ref.device, dt)] = consts
+        seg, idx, off, weights = consts
+        batch = ref.shape[:-1] if vecs else ref.shape
+        parts = list(vecs)
+        if blocks:
+            parts.append(torch.stack(blocks, -1))
+        flat = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+        if flat.dtype != dt:
+            flat = flat.to(dt)
+        ext = flat.new_zeros(batch + (plan.slots,)).index_add(-1, seg, flat)
+        vals = ext.index_select(-1, idx[0]) + off[0]
+        for i, o in zip(idx[1:], off[1:]):  # the factor columns, multiplied (cheaper to differentiate than prod)
+            vals = vals * (ext.index_select(-1, i) + o)
+        out = vals @ weights
+        return (out,) if len(self.what) == 1 else tuple(out.unbind(-1))
+
 
 def _broadcast(scalar: Any, like: Array | None) -> Any:
     """A per-group scalar spread over the group's gates (numpy or torch, batch axes kept); None if ungated."""
@@ -460,9 +672,11 @@ def ones_gates(spec: NetworkSpec, *, block: bool = True, units: bool = True, out
 
 
 __all__ = [
+    "QUANTITIES",
     "Block",
     "BlockGates",
     "Coefficients",
+    "CompiledComplexity",
     "ComplexityModel",
     "GateGrads",
     "Gates",
