@@ -195,13 +195,24 @@ def make_optimizers(
     """
     o = cfg.optim
     if o.kind == "plain-sgd":
-        opt_w = torch.optim.SGD(weights, lr=o.weights.lr, momentum=0.0)
-        opt_t = torch.optim.SGD(gates, lr=o.theta.lr, momentum=0.0) if gates else None
+        opt_w = torch.optim.SGD(weights, lr=o.weights.lr, momentum=0.0, foreach=True)
+        opt_t = torch.optim.SGD(gates, lr=o.theta.lr, momentum=0.0, foreach=True) if gates else None
         return opt_w, opt_t
     w = o.weights
-    opt_w = torch.optim.SGD(weights, lr=w.lr, momentum=w.momentum, nesterov=w.nesterov)
-    opt_t = torch.optim.Adam(gates, lr=o.theta.lr, betas=tuple(o.theta.betas)) if gates else None  # type: ignore[arg-type]
+    opt_w = torch.optim.SGD(weights, lr=w.lr, momentum=w.momentum, nesterov=w.nesterov, foreach=True)
+    opt_t = _adam(gates, lr=o.theta.lr, betas=(o.theta.betas[0], o.theta.betas[1])) if gates else None
     return opt_w, opt_t
+
+
+def _adam(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one call for all θ tensors), else ``foreach``.
+
+    Torch's default on CPU is a Python loop over the parameters: dozens of small θ tensors.
+    """
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 def lr_at(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
