@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import cast
@@ -35,6 +33,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from theory.atomic import atomic_path, atomic_write_text
 from theory.spec import NetworkSpec
 
 from .models import GatedNetwork, ResidualBlock, WeightLayer
@@ -132,18 +131,6 @@ def export_deterministic(model: GatedNetwork, *, eps: float | None = None) -> De
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_export(
     module: nn.Module, path_dir: str | os.PathLike[str], example_input: Tensor | None = None
 ) -> dict[str, Path]:
@@ -163,24 +150,20 @@ def save_export(
         example_input = torch.zeros(2, *shape, device=None if ref is None else ref.device)
     paths = {"state_dict": out_dir / "state_dict.pt", "program": out_dir / "model.pt2"}
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    _atomic_write(paths["state_dict"], lambda p: torch.save(state, p))
+    with atomic_path(paths["state_dict"]) as tmp:
+        torch.save(state, tmp)
     try:
         program = torch.export.export(
             module, (example_input,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
         )
     except Exception:  # a model torch.export cannot make batch-dynamic: fall back to the example's shape
         program = torch.export.export(module, (example_input,))
-    _atomic_write(paths["program"], lambda p: torch.export.save(program, p))
+    with atomic_path(paths["program"]) as tmp:
+        torch.export.save(program, tmp)
     spec_fn = getattr(module, "spec", None)
     if callable(spec_fn):
         paths["spec"] = out_dir / "spec.json"
-        text = json.dumps(asdict(spec_fn()), indent=1)
-
-        def write_spec(p: str) -> None:
-            with open(p, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        _atomic_write(paths["spec"], write_spec)
+        atomic_write_text(paths["spec"], json.dumps(asdict(spec_fn()), indent=1))
     return paths
 
 
