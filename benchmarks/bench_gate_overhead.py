@@ -8,16 +8,12 @@ backward, the SGD step on ``W`` and (gated only) the Adam step on ``Θ`` followe
 Π_H — then the epoch sums.  The plain variant is ``mode="none"`` (no gates, no complexity term).
 Target: gated/plain step time ``<= 1.10`` on CPU.
 
-Three more gated variants locate the overhead:
+Two more gated variants locate the overhead:
 
 * ``gated-core`` — the same step without the cost bookkeeping (no ``C(Θ)`` in ``J``, no ``E[F]``);
 * ``gated-unfolded`` — ``model.fold_gates = False``: the gates multiply the activations instead of
   acting through the parameters (``ξ_1`` on the next weight's input channels, ``ξ_B`` on the last
   BatchNorm's affine pair; :meth:`pruning.models.ResidualBlock.branch`) — what folding saves;
-* ``gated+optim`` — the step with the change proposed for :mod:`pruning.train` (not yet applied
-  there, prototyped here in :func:`proposed_step`): fused (else ``foreach``) Adam on ``Θ`` and the
-  projection Π_H as two ``foreach`` clamps instead of a loop over every ``θ`` tensor.  Drop it once
-  ``pruning/train.py`` has the change (then ``gated`` measures it).
 
 Checks printed with the breakdown: the compiled ``C(Θ)``/``E[F]`` (:meth:`theory.complexity.
 ComplexityModel.compile`, what the objective uses) against the term loop of ``ComplexityModel``,
@@ -39,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
@@ -49,7 +44,7 @@ import _timing as T  # noqa: E402
 from pruning.config import RunConfig  # noqa: E402
 from pruning.models import GatedNetwork, build_model  # noqa: E402
 from pruning.objective import CostMeter, Objective, ObjectiveTerms  # noqa: E402
-from pruning.train import algorithm1_step, autocast_ctx, lr_at, make_optimizers  # noqa: E402
+from pruning.train import algorithm1_step, lr_at, make_optimizers  # noqa: E402
 
 TARGET = 1.10
 ARCHS: dict[str, dict[str, Any]] = {
@@ -115,46 +110,6 @@ def check_folded(arch: dict[str, Any], device: torch.device, batch: int = 4) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# The change proposed for pruning/train.py (prototype; drop once train.py has it)
-# --------------------------------------------------------------------------------------------------
-
-
-def proposed_theta_optimizer(cfg: RunConfig, gates: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam on ``Θ`` with the fused kernel (one call for all θ tensors), else ``foreach``."""
-    lr, betas = cfg.optim.theta.lr, cfg.optim.theta.betas
-    try:
-        return torch.optim.Adam(gates, lr=lr, betas=(betas[0], betas[1]), fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(gates, lr=lr, betas=(betas[0], betas[1]), foreach=True)
-
-
-def proposed_step(model: GatedNetwork, objective: Any, x: torch.Tensor, y: torch.Tensor,
-                  opt_w: torch.optim.Optimizer, opt_t: torch.optim.Optimizer | None, *, spec: Any = None,
-                  amp: bool = False, before_update: Callable[[], object] | None = None,
-                  ) -> tuple[ObjectiveTerms, torch.Tensor]:
-    """:func:`pruning.train.algorithm1_step` (straight-through) with Π_H as two ``foreach`` clamps."""
-    with autocast_ctx(x.device, amp):
-        out = model(x)
-    terms = objective(model, out, y, spec=spec)
-    if not bool(torch.isfinite(terms.total.detach())):
-        raise FloatingPointError("non-finite objective")
-    opt_w.zero_grad(set_to_none=True)
-    if opt_t is not None:
-        opt_t.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if before_update is not None:
-        before_update()
-    opt_w.step()
-    if opt_t is not None:
-        opt_t.step()
-        with torch.no_grad():
-            params = model.gate_parameters()
-            torch._foreach_clamp_min_(params, 0.0)  # Π_H of [15]: clip to [0, 1]
-            torch._foreach_clamp_max_(params, 1.0)
-    return terms, out
-
-
-# --------------------------------------------------------------------------------------------------
 # One trainer step
 # --------------------------------------------------------------------------------------------------
 
@@ -179,12 +134,11 @@ class Step:
     """The body of one iteration of ``Trainer.train_epoch`` on a fixed mini-batch.
 
     ``bookkeeping=False`` drops ``C(Θ)`` from ``J`` and the ``E[F]`` meter; ``fold=False`` makes the
-    gates multiply the activations; ``proposed=True`` uses :func:`proposed_step` and
-    :func:`proposed_theta_optimizer` (the change proposed for ``pruning/train.py``).
+    gates multiply the activations.
     """
 
     def __init__(self, arch: dict[str, Any], mode: str, batch: int, device: torch.device, *, N: int,
-                 bookkeeping: bool = True, fold: bool = True, proposed: bool = False, seed: int = 0) -> None:
+                 bookkeeping: bool = True, fold: bool = True, seed: int = 0) -> None:
         cfg = RunConfig()
         torch.manual_seed(seed)
         self.model = build_model(arch["arch"], mode=mode, num_classes=10, **arch["kwargs"]).to(device)
@@ -195,9 +149,7 @@ class Step:
                                    mode=mode if bookkeeping else "none", elementwise=o.elementwise)
         self.meter = CostMeter(self.spec)
         self.opt_w, self.opt_t = make_optimizers(cfg, self.model.weight_parameters(), self.model.gate_parameters())
-        if proposed and self.opt_t is not None:
-            self.opt_t = proposed_theta_optimizer(cfg, self.model.gate_parameters())
-        self.step_fn = proposed_step if proposed else algorithm1_step
+        self.step_fn = algorithm1_step
         self.cfg, self.bookkeeping, self.device = cfg, bookkeeping, device
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch, *arch["shape"], generator=g).to(device)
@@ -282,7 +234,6 @@ def run_arch(name: str, batch: int, args: argparse.Namespace, device: torch.devi
         "gated": lambda: Step(arch, "combined", batch, device, N=args.N, seed=args.seed),
         "gated-core": lambda: Step(arch, "combined", batch, device, N=args.N, bookkeeping=False, seed=args.seed),
         "gated-unfolded": lambda: Step(arch, "combined", batch, device, N=args.N, fold=False, seed=args.seed),
-        "gated+optim": lambda: Step(arch, "combined", batch, device, N=args.N, proposed=True, seed=args.seed),
     }
     if args.no_diagnostics:
         builders = {k: v for k, v in builders.items() if k in ("plain", "gated")}
@@ -328,8 +279,7 @@ def report(rec: dict[str, Any], device: torch.device) -> None:
         c = rec["ratios_cpu"]["gated"]["paired_median"]
         print(f"  gate overhead ratio, CPU time (robust to load):  {c:.3f}  [target <= {TARGET:.2f}: "
               f"{T.verdict(c, TARGET, '<=')}]")
-    what = {"gated-core": "without C(θ)/E[F] bookkeeping", "gated-unfolded": "gates multiplying the activations",
-            "gated+optim": "with the change proposed for pruning/train.py"}
+    what = {"gated-core": "without C(θ)/E[F] bookkeeping", "gated-unfolded": "gates multiplying the activations"}
     for k, label in what.items():
         if k in rec["ratios_wall"]:
             line = f"  {k + ' / plain':<24} wall {_ratio_text(rec['ratios_wall'][k])}"
