@@ -683,64 +683,52 @@ def run_faces(
 # --------------------------------------------------------------------------------------------------
 
 
-@register(
+check_multilinear = register(
     "determinism.multilinear",
     instances=20,
     group="determinism",
     description="Theorem 3.1 (a): ∂²L/∂θ_j² ≡ 0 for every gate (sympy, exact)",
-)
-def check_multilinear(rng: np.random.Generator, instances: int, progress: Progress) -> CheckResult:
-    return run_multilinear(rng, instances, progress)
+)(run_multilinear)
 
 
-@register(
+check_affine = register(
     "determinism.affine-coordinate",
     instances=200,
     group="determinism",
     description="Theorem 3.1 (b): L affine along every coordinate, slope = analytic ∂L/∂θ",
-)
-def check_affine(rng: np.random.Generator, instances: int, progress: Progress) -> CheckResult:
-    return run_affine(rng, instances, progress)
+)(run_affine)
 
 
-@register(
+check_vertex_min = register(
     "determinism.vertex-min",
     instances=100,
     group="determinism",
     description="Theorem 3.1 (c): L-BFGS-B from random starts never beats the best vertex",
-)
-def check_vertex_min(rng: np.random.Generator, instances: int, progress: Progress) -> CheckResult:
-    return run_vertex_min(rng, instances, progress)
+)(run_vertex_min)
 
 
-@register(
+check_rounding = register(
     "determinism.rounding",
     instances=200,
     group="determinism",
     description="Theorem 3.1 (d): coordinate-wise rounding never increases L",
-)
-def check_rounding(rng: np.random.Generator, instances: int, progress: Progress) -> CheckResult:
-    return run_rounding(rng, instances, progress)
+)(run_rounding)
 
 
-@register(
+check_gradient_flow = register(
     "determinism.gradient-flow",
     instances=100,
     group="determinism",
     description="Theorem 3.1 (e): projected gradient flow ends at a vertex or on a flat face",
-)
-def check_gradient_flow(rng: np.random.Generator, instances: int, progress: Progress) -> CheckResult:
-    return run_gradient_flow(rng, instances, progress)
+)(run_gradient_flow)
 
 
-@register(
+check_faces = register(
     "determinism.faces",
     instances=100,
     group="determinism",
     description="§4: layer-only / unit-only objectives are the faces θ_1 ≡ 1 / θ_B ≡ 1",
-)
-def check_faces(rng: np.random.Generator, instances: int, progress: Progress) -> CheckResult:
-    return run_faces(rng, instances, progress)
+)(run_faces)
 
 
 __all__ = [
