@@ -24,7 +24,7 @@ from theory.determinism import (
     run_rounding,
     run_vertex_min,
 )
-from theory.objective import MAX_GATES
+from theory.objective import MAX_GATES, mask_matrix
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -94,6 +94,8 @@ def test_random_instance_respects_budget(seed: int, max_gates: int) -> None:
     assert all(1 <= b.unit_widths[0] <= 3 for b in inst.objective.spec.blocks)
     V = inst.vertex_values()
     assert V.shape == (2**inst.K,) and np.isfinite(V).all()
+    if inst.K <= 8:  # the point-mass shortcut equals L evaluated at the vertices
+        np.testing.assert_allclose(V, inst.L(mask_matrix(inst.K)), rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------

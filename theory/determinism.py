@@ -133,9 +133,20 @@ class Instance:
         return g
 
     def vertex_values(self) -> np.ndarray:
-        """``L`` at all ``2^K`` vertices, in :func:`mask_matrix` order."""
+        """``L`` at all ``2^K`` vertices, in :func:`mask_matrix` order.
+
+        At a vertex ``Θ = ξ_k`` the gate distribution is a point mass, so the
+        data term is the mask loss itself (no ``2^K × 2^K`` probability table).
+        """
         if self._vertices is None:
-            self._vertices = np.asarray(self.L(mask_matrix(self.K)), dtype=float)
+            obj = self.objective
+            V = mask_matrix(self.K).astype(float)
+            out = self.mask_losses + np.asarray(obj.model.complexity(obj.layout.unflatten(V), obj.coeffs)) + (
+                self.weight_decay
+            )
+            if self.perturb is not None:
+                out = out + self.perturb(V)
+            self._vertices = np.asarray(out, dtype=float)
         return self._vertices
 
     @property
