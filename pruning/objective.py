@@ -149,14 +149,19 @@ class Objective:
         self, model: Any, output: torch.Tensor, target: torch.Tensor, *, spec: NetworkSpec | None = None
     ) -> ObjectiveTerms:
         """``J`` for one mini-batch whose network ``output`` came from one forward pass (one gate sample)."""
-        data = self.loss(output.float(), target)
+        data = self.loss(_at_least_float32(output), target)
         comp = self.complexity(model, spec) / self.N
         weight = self.weight_term(model.weight_parameters())
         return ObjectiveTerms(total=data + comp + weight, data=data, complexity=comp, weight=weight)
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision values (bf16 autocast) are promoted to float32; float32/float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _SquaredNorm(torch.autograd.Function):
-    """``Σ_p ||p||²`` (float32) of many tensors: one ``foreach`` norm forward, one ``foreach`` product backward.
+    """``Σ_p ||p||²`` (at least float32) of many tensors: one ``foreach`` norm forward, one ``foreach`` product back.
 
     The same value and gradient (``2 g p``) as ``Σ_p p.pow(2).sum()``, without two operations per
     tensor in each direction (a network has dozens of weight tensors; this runs every step).
@@ -165,7 +170,7 @@ class _SquaredNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *params: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*params)
-        return torch.stack(torch._foreach_norm(params)).float().square().sum()
+        return _at_least_float32(torch.stack(torch._foreach_norm(params))).square().sum()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:

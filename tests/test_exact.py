@@ -135,7 +135,7 @@ def test_exact_J_is_mask_average_of_model_losses(loss, elementwise):
     with torch.no_grad(), fixed_gates(model.gates(), masks_as_gate_values(model, masks[0])):
         terms = obj(model, model(X), Y)
     J_model = P @ per_mask + float(terms.complexity) + float(terms.weight)
-    assert dyn.value(y) == pytest.approx(J_model, rel=1e-6)  # pruning.objective sums C and ||W||² in float32
+    assert dyn.value(y) == pytest.approx(J_model, rel=1e-12)
     J_exact = float(dyn.exact.evaluate(weights_of(model), theta).L.detach()) / dyn.N
     assert dyn.value(y) == pytest.approx(J_exact, rel=1e-13)
 
