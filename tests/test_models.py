@@ -354,3 +354,12 @@ def test_weight_term_value_and_gradient():
     for g, p in zip(torch.autograd.grad(term, weights), weights):
         assert torch.allclose(g, (3.0 / 50) * p.detach(), rtol=1e-12)
     assert float(Objective(model.spec(), N=50, gamma=0.1, rho=0.5, delta=0.0, lam=0.0).weight_term(weights)) == 0.0
+
+
+def test_objective_promotes_only_half_precision():
+    from pruning.objective import _at_least_float32
+
+    assert _at_least_float32(torch.zeros(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert _at_least_float32(torch.zeros(2, dtype=torch.float16)).dtype == torch.float32
+    assert _at_least_float32(torch.zeros(2, dtype=torch.float32)).dtype == torch.float32
+    assert _at_least_float32(torch.zeros(2, dtype=torch.float64)).dtype == torch.float64
