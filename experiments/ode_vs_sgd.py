@@ -98,21 +98,6 @@ class Problem:
     init_seed: int = 1
     elementwise: bool = False  # counting convention of C (both sides use the same)
 
-    def summary(self, estimator: str) -> dict[str, Any]:
-        """Along the ladder: monotone?, shrink factors ``dev(η_min)/dev(η_max)`` and the ``η → 0`` intercepts
-        ``b`` of a least-squares fit ``dev(η) ≈ b + c √η`` (the estimator's bias; ≈ 0 when unbiased)."""
-        recs = sorted((r for r in self.records if r["estimator"] == estimator), key=lambda r: -r["eta"])
-        out: dict[str, Any] = {"monotone_shrinking": self.monotone(estimator)}
-        for key, name in (("sup_dev_theta_mean", "theta"), ("sup_dev_w_mean", "w")):
-            dev = np.array([r[key] for r in recs])
-            out[f"shrink_factor_{name}"] = float(dev[-1] / dev[0]) if len(dev) >= 2 and dev[0] > 0 else math.nan
-            if len(dev) >= 2:
-                A = np.stack([np.ones(len(dev)), np.sqrt([r["eta"] for r in recs])], axis=1)
-                out[f"bias_{name}"] = float(np.linalg.lstsq(A, dev, rcond=None)[0][0])
-            else:
-                out[f"bias_{name}"] = math.nan
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
