@@ -888,6 +888,23 @@ def figure_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def figure_main(
+    draw: Any, doc: str, argv: Sequence[str] | None = None, *, settings_help: str | None = None
+) -> int:
+    """The command line of a figure script: :func:`figure_parser` (plus ``--settings`` when the figure
+    takes a choice of settings), then ``draw(runs, out, datasets=, epochs=[, settings=])``."""
+    ap = figure_parser(doc)
+    if settings_help is not None:
+        ap.add_argument("--settings", default="", help=settings_help)
+    args = ap.parse_args(argv)
+    kw: dict[str, Any] = {"datasets": [d for d in args.datasets.split(",") if d] or None, "epochs": args.epochs}
+    if settings_help is not None:
+        kw["settings"] = [t for t in args.settings.split(",") if t] or None
+    for p in draw(args.runs, args.out, **kw):
+        print(p)
+    return 0
+
+
 def _figure_module(name: str) -> Any:
     import importlib.util
 

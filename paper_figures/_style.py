@@ -9,6 +9,7 @@ full-quality version (e.g. ``--resolution 96``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `theory` importable
     sys.path.insert(0, str(ROOT))
+
+
+def load_script(name: str, relpath: str) -> Any:
+    """The script ``ROOT/relpath`` imported as module ``name`` (once; later calls return the same module)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def parser(description: str, *, resolution: int | None = None, horizon: float | None = None) -> argparse.ArgumentParser:

@@ -98,15 +98,9 @@ def draw(runs: Path | str, out: Path | str, *, datasets: Sequence[str] | None = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    C = compare_module()
-    ap = C.figure_parser(__doc__)
-    ap.add_argument("--settings", default="", help="comma-separated setting tags to draw (default: all)")
-    args = ap.parse_args(argv)
-    ds = [d for d in args.datasets.split(",") if d] or None
-    tags = [t for t in args.settings.split(",") if t] or None
-    for p in draw(args.runs, args.out, datasets=ds, epochs=args.epochs, settings=tags):
-        print(p)
-    return 0
+    return int(compare_module().figure_main(
+        draw, __doc__, argv, settings_help="comma-separated setting tags to draw (default: all)"
+    ))
 
 
 if __name__ == "__main__":  # pragma: no cover

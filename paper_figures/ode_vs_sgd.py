@@ -18,7 +18,6 @@ the experiment itself (two steps, two seeds, short horizon).  Writes ``ode_vs_sg
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,20 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from paper_figures._style import load_script  # noqa: E402
+
 DEFAULT_NPZ = ROOT / "reports" / "ode_vs_sgd" / "ode_vs_sgd.npz"
 DEFAULT_OUT = ROOT / "reports" / "figures"
 LABELS = {"exact-difference": "exact-difference (unbiased)", "straight-through": "straight-through (biased)"}
 
 
 def _experiment() -> Any:
-    name = "ode_vs_sgd_experiment"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "ode_vs_sgd.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("ode_vs_sgd_experiment", "experiments/ode_vs_sgd.py")
 
 
 def quick_npz(out: Path) -> Path:

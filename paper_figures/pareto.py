@@ -14,7 +14,6 @@ Reads the run directories written by ``experiments/compare.py``; writes ``pareto
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,17 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from paper_figures._style import load_script  # noqa: E402
+
 
 def compare_module() -> Any:
     """``experiments/compare.py`` (aggregation, fronts, figure helpers), loaded once."""
-    name = "experiments_compare"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "compare.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("experiments_compare", "experiments/compare.py")
 
 
 def draw(runs: Path | str, out: Path | str, *, datasets: Sequence[str] | None = None,
@@ -94,12 +88,7 @@ def _z(x: float) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    C = compare_module()
-    args = C.figure_parser(__doc__).parse_args(argv)
-    ds = [d for d in args.datasets.split(",") if d] or None
-    for p in draw(args.runs, args.out, datasets=ds, epochs=args.epochs):
-        print(p)
-    return 0
+    return int(compare_module().figure_main(draw, __doc__, argv))
 
 
 if __name__ == "__main__":  # pragma: no cover
