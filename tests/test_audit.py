@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_train import TINY  # the tiny run of tests/test_train.py: the ε-rule acts within 2 epochs
 
 from pruning.audit import AUDIT_CSV, AUDIT_JSON, PruningAudit, certify
 from pruning.cli import main
@@ -19,17 +20,6 @@ from pruning.objective import Objective
 from pruning.report import REPORT_JSON, REPORT_MD
 from pruning.train import Trainer
 from theory.certificates import admissible
-
-# The tiny run of tests/test_train.py: residual MLP on 256 digits, θ from 0.5 with a large step, so that the
-# ε-rule selects units and blocks within 2 epochs of 16 iterations.
-TINY = [
-    "data.name=digits", "data.options.flatten=true", "data.train_subset=256", "data.test_subset=128",
-    "model.arch=residual_mlp", "model.kwargs.hidden=[12, 12, 12]", "model.theta_init=0.5",
-    "objective.gamma=0.01", "objective.delta=0.5", "objective.lambda=1.0",
-    "optim.weights.lr=0.05", "optim.theta.lr=0.05",
-    "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=128", "train.prune_every=3",
-    "train.device=cpu", "train.progress=false", "train.threads=1", "export.enabled=false",
-]
 
 FIELDS = ("kind", "block", "step", "theta", "theta_B", "fan_in_norm", "fan_out_norm", "q", "c", "k", "k_g_i", "k_h_i",
           "k_k_i", "k_g_B", "k_global", "margin", "a_star", "certified", "certified_global_k")
