@@ -179,8 +179,8 @@ def _velocity_rows(Y: np.ndarray, out: np.ndarray, XhT: np.ndarray, RT: np.ndarr
         block_velocity(Y[b], out[b], XhT, RT, params, dims, phi, e)
 
 
-def velocity_batch(problem: BlockProblem | BlockData, Y: np.ndarray) -> np.ndarray:
-    """``−∇L`` at ``Π_H`` of every row of ``Y`` (B, D) with the compiled kernel.
+def velocity_batch(problem: BlockProblem | BlockData, Y: np.ndarray, *, workers: int = 1) -> np.ndarray:
+    """``−∇L`` at ``Π_H`` of every row of ``Y`` (B, D) with the compiled kernel (``workers`` threads).
 
     Compare :func:`theory.block_model.velocity`, which does not clip the gates (pass states with
     gates in ``H`` to compare).
@@ -188,7 +188,18 @@ def velocity_batch(problem: BlockProblem | BlockData, Y: np.ndarray) -> np.ndarr
     data = problem if isinstance(problem, BlockData) else BlockData.of(problem)
     Ya = np.ascontiguousarray(np.atleast_2d(np.asarray(Y, dtype=np.float64)))
     out = np.empty_like(Ya)
-    _velocity_rows(Ya, out, data.XhT, data.RT, data.params, data.dims)
+    bounds = np.linspace(0, Ya.shape[0], max(1, min(workers, Ya.shape[0] // 1024)) + 1).astype(int)
+
+    def run(a: int, b: int) -> None:
+        _velocity_rows(Ya[a:b], out[a:b], data.XhT, data.RT, data.params, data.dims)
+
+    if bounds.size == 2:
+        run(0, Ya.shape[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=bounds.size - 1) as pool:
+            list(pool.map(lambda ab: run(*ab), zip(bounds[:-1], bounds[1:])))
     return out
 
 
