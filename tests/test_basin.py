@@ -211,3 +211,16 @@ def test_basin_cli_maps_a_volume(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with np.load(tmp_path / "basin_volume.npz") as z:
         assert z["labels"].shape == (3, 4, 4)
     assert B.basin_cli(["--slice", "volume", "--depth", "1"]) == 2
+
+
+def test_volume_figure_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "paper_figures"))
+    spec = importlib.util.spec_from_file_location("basin_volume_fig_test", root / "paper_figures" / "basin_volume.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path), "--resolution", "4", "--depth", "2", "--horizon", "10"]) == 0
+    assert (tmp_path / "basin_volume.png").stat().st_size > 0 and (tmp_path / "basin_volume.pdf").stat().st_size > 0
