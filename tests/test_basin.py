@@ -222,5 +222,5 @@ def test_volume_figure_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--out", str(tmp_path), "--resolution", "4", "--depth", "2", "--horizon", "10"]) == 0
+    assert mod.main(["--out", str(tmp_path), "--resolution", "3", "--depth", "2", "--horizon", "5"]) == 0
     assert (tmp_path / "basin_volume.png").stat().st_size > 0 and (tmp_path / "basin_volume.pdf").stat().st_size > 0

@@ -191,7 +191,7 @@ def test_basin_map_is_the_same_with_both_backends() -> None:
     from theory import basin as B
 
     P = B.slice_problem(0)
-    kw = {"resolution": 6, "horizon": 40.0, "problem": P}
+    kw = {"resolution": 5, "horizon": 30.0, "problem": P}
     a = B.map_slice("layer", **kw)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("THEORY_NO_NUMBA", "1")
