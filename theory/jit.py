@@ -69,8 +69,9 @@ def refresh_cache(cache_dirs: list[Path] | None = None, root: Path | None = None
     for d in cache_dirs:
         stamp = d / STAMP_NAME
         try:
-            if not d.is_dir() or (stamp.is_file() and stamp.read_text().strip() == digest):
+            if stamp.is_file() and stamp.read_text().strip() == digest:
                 continue
+            d.mkdir(parents=True, exist_ok=True)
             for mod in KERNEL_MODULES:
                 for pattern in (f"{mod}.*.nbi", f"{mod}.*.nbc"):
                     for f in d.rglob(pattern):
