@@ -474,7 +474,9 @@ class BatchResult:
     over trajectories); ``backend`` ``"numpy"`` or ``"numba"`` (the compiled
     kernels of :mod:`theory.block_ode`, whose ``ncalls`` equals ``nfev``: one
     call per trajectory evaluation); ``failed`` trajectories whose step size
-    underflowed (their outputs past the failure are ``nan``).
+    underflowed (their outputs past the failure are ``nan``); ``thread_cpu``
+    (compiled backend) the CPU seconds of each worker thread, largest first —
+    ``sum/max`` is the speed-up the threads give when each has a core.
     """
 
     t: np.ndarray
@@ -490,6 +492,7 @@ class BatchResult:
     steps: int = 0
     backend: str = "numpy"
     failed: int = 0
+    thread_cpu: tuple[float, ...] = ()
 
     @property
     def theta(self) -> np.ndarray:
@@ -1168,8 +1171,9 @@ def odeint_batch(
     ``b`` hits that face (``nan`` if never; terminal flags are ignored).
     ``chunk_size`` trajectories are integrated together (default 512 for
     fixed-step, keeping the field's work arrays in cache; 8192 for RKC,
-    whose sweeps group trajectories by stage count), ``workers`` threads run
-    chunks in parallel.  ``out`` may supply the (len(t_eval), B, D) output.
+    whose sweeps group trajectories by stage count; the compiled backend
+    integrates one trajectory at a time and hands threads chunks of at most
+    256), ``workers`` threads run chunks in parallel.  ``out`` may supply the (len(t_eval), B, D) output.
 
     ``backend``: ``"auto"`` (default) runs the compiled kernels of
     :mod:`theory.block_ode` (numba; whole step loop compiled, one trajectory
@@ -1198,6 +1202,7 @@ def odeint_batch(
         raise ValueError(f"dt must be > 0, got {dt!r}")
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got {rtol!r}, {atol!r}")
+    user_chunk = chunk_size
     if chunk_size is None:
         chunk_size = 8192 if adaptive else 512
     if chunk_size < 1 or workers < 1:
@@ -1218,7 +1223,7 @@ def odeint_batch(
         use, why = _compiled_usable(fun)
         if use:
             return _odeint_compiled(fun, Y0, teval, sl, method, dt, rtol, atol, evs, face_atol, split_switches,
-                                    workers, max_stages, out)
+                                    workers, max_stages, out, user_chunk)
         if backend == "numba":
             raise ValueError(f"backend='numba' cannot be used: {why}")
         if why == _NO_NUMBA:
@@ -1304,6 +1309,7 @@ def _compiled_usable(fun: Fun) -> tuple[bool, str]:
 def _odeint_compiled(
     fun: Fun, Y0: np.ndarray, teval: np.ndarray, sl: slice, method: str, dt: float, rtol: float, atol: float,
     evs: list[FaceEvent], face_atol: float, split_switches: bool, workers: int, max_stages: int, out: np.ndarray,
+    chunk: int | None,
 ) -> BatchResult:
     from .block_ode import odeint_block
 
@@ -1315,14 +1321,14 @@ def _odeint_compiled(
     target = out if out.flags.c_contiguous else np.empty(out.shape)
     _, hit_t, st, wall = odeint_block(
         problem, Y, teval, method=method, dt=dt, rtol=rtol, atol=atol, events=evs, face_atol=face_atol,
-        split_switches=split_switches, workers=workers, max_stages=max_stages, out=target,
+        split_switches=split_switches, workers=workers, max_stages=max_stages, out=target, chunk=chunk,
     )
     if target is not out:
         out[...] = target
     return BatchResult(
         t=teval.copy(), y=out, nfev=st["nfev"], ncalls=st["nfev"], wall_time=wall, method=method, dt=dt,
         theta_slice=sl, t_events=hit_t, switches=st["switches"], steps=st["steps"], backend="numba",
-        failed=st["failed"],
+        failed=st["failed"], thread_cpu=st["thread_cpu"],
     )
 
 
