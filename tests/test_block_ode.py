@@ -199,3 +199,28 @@ def test_basin_map_is_the_same_with_both_backends() -> None:
     assert (a.meta["backend"], b.meta["backend"]) == ("numba", "numpy")
     np.testing.assert_array_equal(a.labels, b.labels)
     assert math.isclose(a.areas()["pruned"], b.areas()["pruned"])
+
+
+def test_toolkit_runs_without_numba() -> None:
+    """numba made unimportable in a fresh interpreter: theory imports, integrates on numpy, says so once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import numpy as np\n"
+        "import theory.jit as jit; assert not jit.NUMBA_AVAILABLE\n"
+        "from theory.block_model import BlockProblem, field\n"
+        "from theory.ode import odeint_batch\n"
+        "from theory.basin import map_slice\n"
+        "P = BlockProblem.random(np.random.default_rng(0), m=2, n=2, p=2, N=8)\n"
+        "r = odeint_batch(field(P), np.full((3, P.D), 0.4), [0, 0.5, 1], theta_slice=P.theta_slice, method='rkc')\n"
+        "assert r.backend == 'numpy' and np.isfinite(r.y).all()\n"
+        "bm = map_slice('layer', resolution=3, horizon=10.0)\n"
+        "assert bm.meta['backend'] == 'numpy'\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+    assert res.stderr.count(jit.NOTICE) == 1, res.stderr

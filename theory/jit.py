@@ -127,8 +127,8 @@ def fallback_notice() -> None:
 def njit(**options: Any) -> Callable[[Any], Any]:
     """``numba.njit`` with this project's defaults (``cache``, ``nogil``, ``error_model="numpy"``, :data:`FASTMATH`).
 
-    Without numba the decorator returns the function unchanged (plain Python: correct, slow); it
-    is only called then by the tests of the kernels' logic.
+    Without numba the decorator returns the function unchanged (plain Python), so that the
+    modules still import; the integrators then take their numpy paths and never call it.
     """
     opts: dict[str, Any] = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": set(FASTMATH)}
     opts.update(options)
