@@ -114,8 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Mean-field accuracy and deterministic FLOPs/parameters of a run's latest checkpoint."""
+    from .build import build_network, load_data
+    from .data import make_loader
+    from .evaluation import evaluate
     from .objective import CostMeter
-    from .train import evaluate, load_data, load_run, make_loader, resolve_device
+    from .runtime import resolve_device
+    from .train import load_run
 
     try:
         cfg, model, ckpt = load_run(args.run, device=args.device)
@@ -128,8 +132,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device)
     loss, acc = evaluate(model, loader, device)
     spec = model.spec()
-    from .train import build_network
-
     baseline = build_network(cfg, data.num_classes, tuple(data.input_shape), device="meta").spec()
     meter = CostMeter(baseline)
     flops, params = meter.deterministic(spec)

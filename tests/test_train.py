@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 import torch
 
+from pruning.checkpoint import CHECKPOINT
 from pruning.config import RunConfig, load_config
 from pruning.models import build_model
 from pruning.objective import CostMeter, Objective
+from pruning.optim import lr_at
 from pruning.report import REPORT_JSON, REPORT_MD
-from pruning.train import CHECKPOINT, LOG_CSV, TIME_FIELDS, Trainer, TrainingDiverged, load_run, lr_at
+from pruning.runlog import LOG_CSV, TIME_FIELDS
+from pruning.train import Trainer, TrainingDiverged, load_run
 from theory.complexity import ComplexityModel
 
 # A tiny residual MLP on 256 scikit-learn digits; θ starts at 0.5 with a large step so that units and

@@ -1,0 +1,108 @@
+"""Checkpoints: the complete state of a run in one file, written atomically, read back safely.
+
+A checkpoint holds the model state *and* its structure (:func:`structure_of`: per block the alive
+flag and the original ids of its surviving units), the optimiser states, the RNG states, the
+progress counters and the log.  A compacted model is rebuilt from the configuration and brought to
+the recorded structure by the pruning rule itself (:func:`apply_structure`), so that ``resume``,
+``evaluate`` and ``export`` need nothing but the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from theory.atomic import atomic_write
+
+from .config import RunConfig
+from .models import GatedNetwork
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+def structure_of(model: GatedNetwork) -> dict[str, Any]:
+    """The surviving structure as primitives: per block alive flag and the original ids of kept units."""
+    blocks = []
+    for block in model.blocks:
+        units = []
+        for g in block.unit_gates():
+            units.append(None if g is None else [int(i) for i in g.unit_ids.tolist()])
+        blocks.append({"name": block.name, "alive": bool(block.alive), "unit_ids": units})
+    return {"blocks": blocks, "depth": model.spec().depth}
+
+
+def apply_structure(model: GatedNetwork, structure: dict[str, Any], eps: float) -> None:
+    """Bring a freshly built ``model`` to a recorded structure with the pruning rule itself.
+
+    Gates of removed units and blocks are set to 0, all others to 1, and
+    :func:`pruning.compaction.prune` removes exactly those structures (parameters
+    are overwritten by the checkpoint's state afterwards).
+    """
+    from .compaction import prune
+
+    if len(structure["blocks"]) != len(model.blocks):
+        raise ValueError(
+            f"checkpoint structure has {len(structure['blocks'])} blocks, the model {len(model.blocks)}"
+        )
+    with torch.no_grad():
+        for block, rec in zip(model.blocks, structure["blocks"]):
+            if not block.alive:
+                continue
+            units = block.unit_gates()
+            if not rec["alive"]:
+                if block.block_gate is not None:
+                    block.block_gate.theta.fill_(0.0)
+                for g in units:
+                    if g is not None:
+                        g.theta.fill_(0.0)
+                continue
+            for g, kept in zip(units, rec["unit_ids"]):
+                if g is None or kept is None:
+                    continue
+                keep = torch.zeros_like(g.theta)
+                keep[torch.as_tensor(kept, dtype=torch.long)] = 1.0
+                g.theta.copy_(keep)
+    prune(model, eps, [])
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """``torch.save(state)`` to ``path`` atomically (a reader sees the old file or the new one, never a mix)."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=True)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint of the run in ``run_dir`` (``weights_only``: a checkpoint never runs code)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_resume_config(saved: RunConfig, given: RunConfig) -> None:
+    """A resumed run must use the configuration it started with (display-only train keys may differ)."""
+    free = {"progress", "tensorboard", "log_every", "out_dir", "device"}
+    a, b = saved.to_dict(), given.to_dict()
+    a["train"] = {k: v for k, v in a["train"].items() if k not in free}
+    b["train"] = {k: v for k, v in b["train"].items() if k not in free}
+    if a != b:
+        diffs = [f"{s}.{k}" for s in a for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)]
+        raise ValueError(f"--resume: the configuration differs from the checkpoint's in {', '.join(sorted(diffs))}")
+
+
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_VERSION",
+    "apply_structure",
+    "check_resume_config",
+    "load_checkpoint",
+    "save_checkpoint",
+    "structure_of",
+]

@@ -1,0 +1,78 @@
+"""One iteration of Algorithm 1: steps 1–3 on one mini-batch (THEORY §5, [14]–[21]).
+
+The ε-rule (step 4) is the caller's (:meth:`pruning.train.Trainer`, :func:`pruning.compaction.prune`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from theory.projection import project
+
+from .models import GatedNetwork
+from .objective import Objective, ObjectiveTerms
+from .runtime import autocast_ctx
+
+
+class NonFiniteObjective(FloatingPointError):
+    """The objective of one step was NaN/Inf (raised before any parameter changed)."""
+
+    def __init__(self, terms: ObjectiveTerms) -> None:
+        super().__init__("non-finite objective")
+        self.terms = terms
+
+
+def algorithm1_step(
+    model: GatedNetwork,
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt_w: torch.optim.Optimizer,
+    opt_t: torch.optim.Optimizer | None,
+    *,
+    spec: Any = None,
+    amp: bool = False,
+    before_update: Callable[[], object] | None = None,
+) -> tuple[ObjectiveTerms, torch.Tensor]:
+    """Steps 1–3 of Algorithm 1 on one mini-batch (the ε-rule, step 4, is the caller's).
+
+    Forward with one gate sample (``model`` in train mode), ``J`` of [16] via
+    ``objective``; back-propagation gives ``Ĝ_W`` [17] and, for ``θ``, the
+    straight-through estimate plus ``∇C/N`` [18] — with the exact-difference
+    estimator the unbiased estimate [19]–[21] of ``model.exact_gate_grads`` is
+    added to ``∇C/N`` instead; ``before_update()`` sees the gradients; then the
+    weight step, the ``θ`` step and ``Θ ← Π_H(Θ)`` [14]–[15].  Raises
+    :class:`NonFiniteObjective` before touching any parameter if ``J`` is not
+    finite.  Returns the objective terms and the network output.
+    """
+    dev = x.device
+    with autocast_ctx(dev, amp):
+        out = model(x)
+    terms = objective(model, out, y, spec=spec)
+    if not bool(torch.isfinite(terms.total.detach())):
+        raise NonFiniteObjective(terms)
+    opt_w.zero_grad(set_to_none=True)
+    if opt_t is not None:
+        opt_t.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if opt_t is not None and model.estimator == "exact-difference":
+        with autocast_ctx(dev, amp):
+            est = model.exact_gate_grads(objective.loss, x, y)
+        for q in model.gate_parameters():
+            e = est[q].to(q.dtype)
+            q.grad = e if q.grad is None else q.grad + e  # ∇C/N came from backward
+    if before_update is not None:
+        before_update()
+    opt_w.step()
+    if opt_t is not None:
+        opt_t.step()
+        with torch.no_grad():
+            for q in model.gate_parameters():
+                q.copy_(project(q))  # Π_H, eq. [15]
+    return terms, out
+
+
+__all__ = ["NonFiniteObjective", "algorithm1_step"]
