@@ -15,7 +15,7 @@ The public API, importable from here (loaded on first use)::
     net = pruning.build_model("resnet18", num_classes=10)      # or a built-in architecture
     net = pruning.from_spec(pruning.load_spec("net.toml"), mode="combined",
                             estimator="straight-through", theta_init=1.0)   # or a spec file
-    report = pruning.train(pruning.load_config("cfg.toml"), "runs/x", model=net)
+    report = pruning.Trainer(pruning.load_config("cfg.toml"), "runs/x", model=net).fit()
     cfg, model, ckpt = pruning.load_run("runs/x")
     pruning.save_export(pruning.export_deterministic(model), "runs/x/export", onnx=True)
 """
@@ -34,7 +34,8 @@ _API = {
     "gate": ".convert", "ConversionError": ".convert",
     "NetworkSpec": "theory.spec", "load_spec": "theory.spec", "save_spec": "theory.spec",
     # training
-    "Trainer": ".train", "train": ".train", "load_run": ".train", "export_run": ".train",
+    # (the function pruning.train.train is not listed: ``pruning.train`` is its module)
+    "Trainer": ".train", "load_run": ".train", "export_run": ".train",
     "TrainingDiverged": ".train", "prune": ".compaction",
     # deployment
     "export_deterministic": ".export", "save_export": ".export", "save_onnx": ".export",

@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
     overrides = list(args.set or ()) + (["train.audit=true"] if args.audit else [])
     try:
-        cfg = load_config(args.config, overrides, base=base)
+        cfg = load_config(args.config, overrides, base=base, check_files=not args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

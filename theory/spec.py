@@ -439,7 +439,7 @@ def _spec_from_dict(raw: Mapping[str, Any], source: str) -> NetworkSpec:
         path, out = _layer_list(b.get("path", []), f"{where}.path", size)
         shortcut = _typed(b, "shortcut", str, where, "identity")
         sc_layer = None
-        if "shortcut_layer" in b:
+        if b.get("shortcut_layer") is not None:  # None: the dataclasses.asdict form of "no projection"
             sc_layer = _layer_from(b["shortcut_layer"], f"{where}.shortcut_layer", size)
         if not path and sc_layer is not None:
             out = sc_layer.out_size if sc_layer.kind != "linear" else None
