@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+import tvmirror as tv
 from torch import nn
 
-import tvmirror as tv
 from pruning.convert import ConversionError, gate
 from pruning.export import export_deterministic
 from pruning.models import build_model, from_spec

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import pruning
 import tvmirror as tv
 from fakedata import write_cifar10
+
+import pruning
 from pruning.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pruning.cli import main
 from pruning.config import ConfigError, load_config
