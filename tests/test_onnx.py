@@ -9,7 +9,7 @@ import torch
 import pruning.export as export_mod
 from pruning.cli import main
 from pruning.config import load_config
-from pruning.export import export_deterministic, save_export
+from pruning.export import export_deterministic, save_onnx
 from pruning.models import build_model
 from pruning.train import Trainer, load_run
 
@@ -40,9 +40,9 @@ def test_onnx_export_of_a_run_matches_the_mean_field_network(tmp_path, capsys):
 def test_without_onnx_a_notice_and_no_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export_mod.importlib.util, "find_spec",
                         lambda name, *a: None if name in ("onnx", "onnxscript") else object())
+    assert not export_mod.onnx_available()
     det = export_deterministic(build_model("resnet20", num_classes=3, width=2, image_size=8))
-    written = save_export(det, tmp_path, onnx=True)
-    assert "onnx" not in written and not (tmp_path / "model.onnx").exists()
-    assert (tmp_path / "model.pt2").is_file()
+    assert save_onnx(det, tmp_path / "model.onnx", torch.zeros(2, 3, 8, 8)) is None
+    assert not (tmp_path / "model.onnx").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["notice: ONNX export skipped: onnx, onnxscript not installed (pip install '.[onnx]')"]

@@ -179,3 +179,29 @@ def test_flops_of_a_spec_file(tmp_path, capsys):
     assert record["model"] == "resnet18" and record["flops"] == ComplexityModel(load_spec(path)).flops()
     assert main(["flops", "--spec", str(tmp_path / "none.toml")]) == 2
     assert "cannot read the spec file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,data_shape,expected", [
+    ("resnet18", (3, 32, 32), resnet_imagenet(18, 10, 32)),
+    ("wide_resnet50_2", (1, 64, 64), resnet_imagenet(50, 10, 64, widen=2, in_channels=1, name="wide_resnet50_2")),
+    ("wrn", (3, 32, 32), wide_resnet_cifar(28, 10, 10, 32)),
+])
+def test_new_archs_from_a_configuration_take_their_shape_from_the_data(arch, data_shape, expected):
+    from pruning.build import build_network
+    from pruning.config import load_config
+
+    cfg = load_config(None, [f"model.arch={arch}"])
+    assert build_network(cfg, 10, data_shape, device="meta").spec() == expected
+
+
+def test_new_arch_kwargs_are_validated():
+    from pruning.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.kwargs.widen: unknown argument for arch 'resnet18'"):
+        load_config(None, ["model.arch=resnet18", "model.kwargs.widen=2"])
+    with pytest.raises(ConfigError, match="model.kwargs.depth: expected integer"):
+        load_config(None, ["model.arch=wrn", "model.kwargs.depth=2.5"])
+    with pytest.raises(ValueError, match="unknown keyword\\(s\\) widen for arch 'resnet34'"):
+        build_model("resnet34", num_classes=3, widen=2)
+    with pytest.raises(ValueError, match="widen applies to bottleneck blocks"):
+        resnet_imagenet(34, widen=2)
