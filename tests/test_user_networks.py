@@ -241,3 +241,21 @@ def test_checkpoint_without_network_record_still_loads(tmp_path):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(without(x), with_record(x))
+
+
+def test_network_given_in_python_resumes_from_the_command_line(tmp_path):
+    """A run of a network given to the Trainer (arch "custom") resumes from its checkpoint alone, bit for bit."""
+    overrides = [*DIGITS, "model.theta_init=0.5", "optim.theta.lr=0.05", "train.epochs=2", "train.batch_size=32",
+                 "export.enabled=false"]
+
+    def network():
+        torch.manual_seed(5)
+        return pruning.build_model("resnet20", num_classes=10, width=2, image_size=8, in_channels=1, theta_init=0.5)
+
+    Trainer(load_config(None, overrides), tmp_path / "full", model=network()).fit()
+    Trainer(load_config(None, overrides), tmp_path / "cut", model=network()).fit(stop_after=1)
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full, cut = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "cut"))
+    assert cut["config"]["model"]["arch"] == "custom"
+    for key in ("fPR", "pPR", "test_accuracy", "test_loss", "layers_left"):
+        assert cut[key] == full[key], key
