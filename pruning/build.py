@@ -2,19 +2,22 @@
 
 ``config -> data`` (:func:`load_data`: the dataset of ``[data]`` with its deterministic subsets) and
 ``config + data -> model`` (:func:`build_network`: ``[model]`` with the shape arguments the data
-determine, :func:`model_kwargs`).
+determine, :func:`model_kwargs`; ``arch = "spec"``: the network of a spec file).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from theory.spec import NetworkSpec, load_spec
+
 from .config import RunConfig
 from .data import DataSplits, InMemoryDataset, load_dataset
-from .models import GatedNetwork, build_model
+from .models import IMAGENET_ARCHS, GatedNetwork, build_model, from_spec
 
 
 def load_data(cfg: RunConfig) -> DataSplits:
@@ -48,7 +51,8 @@ def model_kwargs(cfg: RunConfig, input_shape: tuple[int, ...]) -> dict[str, Any]
     elif arch in ("resnet20", "resnet56", "resnet110") and len(input_shape) == 3:
         kw.setdefault("in_channels", int(input_shape[0]))
         kw.setdefault("image_size", int(input_shape[-1]))
-    elif arch == "resnet50" and len(input_shape) == 3:
+    elif (arch in IMAGENET_ARCHS or arch == "wrn") and len(input_shape) == 3:
+        kw.setdefault("in_channels", int(input_shape[0]))
         kw.setdefault("image_size", int(input_shape[-1]))
     for key in ("hidden", "stage_blocks", "widths"):
         if key in kw:
@@ -59,8 +63,24 @@ def model_kwargs(cfg: RunConfig, input_shape: tuple[int, ...]) -> dict[str, Any]
 def build_network(
     cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...], *, device: str | None = None
 ) -> GatedNetwork:
-    """``build_model`` from ``[model]`` (``device="meta"``: structure only, no memory)."""
+    """``build_model`` from ``[model]`` (``device="meta"``: structure only, no memory).
+
+    ``arch = "spec"``: the network of the spec file ``model.spec``, which must fit the data
+    (``num_classes``, ``input_shape``); ``ValueError`` naming ``model.spec`` otherwise.
+    """
     m = cfg.model
+    if m.arch == "custom":
+        raise ValueError("model.arch = 'custom' names a network given in Python (Trainer(cfg, out, model=net)); it "
+                         "is rebuilt only from its checkpoint — from a configuration use model.arch = 'spec'")
+    if m.arch == "spec":
+        try:
+            spec = load_spec(m.spec)
+        except ValueError as exc:
+            raise ValueError(f"model.spec: {exc}") from None
+        check_fits(spec, num_classes, input_shape, f"model.spec ({m.spec})")
+        with torch.device(device) if device is not None else nullcontext():
+            return from_spec(spec, mode=m.mode, estimator=m.estimator, theta_init=m.theta_init,
+                             activation=str(m.kwargs.get("activation", "relu")))
     return build_model(
         m.arch,
         mode=m.mode,
@@ -72,4 +92,13 @@ def build_network(
     )
 
 
-__all__ = ["build_network", "load_data", "model_kwargs"]
+def check_fits(spec: NetworkSpec, num_classes: int, input_shape: tuple[int, ...], what: str) -> None:
+    """``ValueError`` naming ``what`` unless the network's classes and input shape are the data's."""
+    if spec.num_classes != num_classes:
+        raise ValueError(f"{what}: the network has {spec.num_classes} classes, the data {num_classes}")
+    if tuple(spec.input_shape) != tuple(input_shape):
+        raise ValueError(f"{what}: the network takes inputs of shape {tuple(spec.input_shape)}, the data has "
+                         f"{tuple(input_shape)}")
+
+
+__all__ = ["build_network", "check_fits", "load_data", "model_kwargs"]

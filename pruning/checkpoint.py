@@ -2,23 +2,28 @@
 
 A checkpoint holds the model state *and* its structure (:func:`structure_of`: per block the alive
 flag and the original ids of its surviving units), the optimiser states, the RNG states, the
-progress counters and the log.  A compacted model is rebuilt from the configuration and brought to
-the recorded structure by the pruning rule itself (:func:`apply_structure`), so that ``resume``,
-``evaluate`` and ``export`` need nothing but the checkpoint.
+progress counters and the log.  It also carries the network itself (:func:`network_record`: the
+baseline :class:`theory.NetworkSpec` the model was built from, as primitives, and its activation),
+so that any network — built-in, from a spec file or converted from the user's own module — is
+rebuilt from the checkpoint alone (:func:`network_from_checkpoint`) and brought to the recorded
+structure by the pruning rule itself (:func:`apply_structure`): ``resume``, ``evaluate`` and
+``export`` need nothing but the checkpoint.
 """
 
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from theory.atomic import atomic_write
+from theory.spec import NetworkSpec
 
 from .config import RunConfig
-from .models import GatedNetwork
+from .models import GatedNetwork, from_spec
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -69,6 +74,36 @@ def apply_structure(model: GatedNetwork, structure: dict[str, Any], eps: float) 
     prune(model, eps, [])
 
 
+def network_record(baseline_spec: NetworkSpec, model: GatedNetwork) -> dict[str, Any]:
+    """The checkpoint's ``network`` entry: the unpruned spec (``NetworkSpec.to_dict``) and the activation."""
+    return {"spec": baseline_spec.to_dict(), "activation": str(getattr(model, "activation", "relu"))}
+
+
+def network_from_checkpoint(ckpt: dict[str, Any], cfg: RunConfig, *, device: str | None = None) -> GatedNetwork:
+    """The unpruned network of a checkpoint: from its ``network`` record, else (older files) from ``cfg``.
+
+    Gates follow ``cfg.model`` (mode, estimator, θ_init); :func:`apply_structure` and the saved state
+    then bring it to the trained network.
+    """
+    rec = ckpt.get("network")
+    if rec is None:
+        from .build import build_network
+
+        return build_network(cfg, int(ckpt["data"]["num_classes"]), tuple(ckpt["data"]["input_shape"]), device=device)
+    spec = NetworkSpec.from_dict(rec["spec"], source="checkpoint network.spec")
+    m = cfg.model
+    with torch.device(device) if device is not None else nullcontext():
+        return from_spec(spec, mode=m.mode, estimator=m.estimator, theta_init=m.theta_init,
+                         activation=str(rec.get("activation", "relu")))
+
+
+def baseline_spec_of(ckpt: dict[str, Any], cfg: RunConfig) -> NetworkSpec:
+    """The spec of the unpruned network of a checkpoint (what fPR/pPR are relative to)."""
+    if ckpt.get("network") is not None:
+        return NetworkSpec.from_dict(ckpt["network"]["spec"], source="checkpoint network.spec")
+    return network_from_checkpoint(ckpt, cfg, device="meta").spec()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """``torch.save(state)`` to ``path`` atomically (a reader sees the old file or the new one, never a mix)."""
     path = Path(path)
@@ -101,8 +136,11 @@ __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_VERSION",
     "apply_structure",
+    "baseline_spec_of",
     "check_resume_config",
     "load_checkpoint",
+    "network_from_checkpoint",
+    "network_record",
     "save_checkpoint",
     "structure_of",
 ]

@@ -21,11 +21,22 @@ def _fmt(x: float) -> str:
 
 def cmd_flops(args: argparse.Namespace) -> int:
     """Baseline FLOPs (conv + linear MACs) and parameters through the one complexity model (THEORY §3)."""
-    spec = by_name(args.model)
+    if args.spec:
+        from theory.spec import load_spec
+
+        try:
+            spec = load_spec(args.spec)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        label = spec.name
+    else:
+        spec = by_name(args.model)
+        label = args.model
     model = ComplexityModel(spec, elementwise=False)
     flops, params = float(model.flops()), float(model.params())
     record = {
-        "model": args.model,
+        "model": label,
         "flops": flops,
         "params": params,
         "layers": spec.depth,
@@ -38,7 +49,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    print(f"{args.model}: {_fmt(flops)} FLOPs (MACs), {_fmt(params)} parameters, {spec.depth} layers, "
+    print(f"{label}: {_fmt(flops)} FLOPs (MACs), {_fmt(params)} parameters, {spec.depth} layers, "
           f"{spec.prunable_blocks} prunable blocks, input {tuple(spec.input_shape)}")
     if args.per_layer:
         print(f"{'layer':<28}{'FLOPs':>14}{'params':>12}")
@@ -74,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
     overrides = list(args.set or ()) + (["train.audit=true"] if args.audit else [])
     try:
-        cfg = load_config(args.config, overrides, base=base)
+        cfg = load_config(args.config, overrides, base=base, check_files=not args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Mean-field accuracy and deterministic FLOPs/parameters of a run's latest checkpoint."""
-    from .build import build_network, load_data
+    from .build import load_data
+    from .checkpoint import baseline_spec_of
     from .data import make_loader
     from .evaluation import evaluate
     from .objective import CostMeter
@@ -123,7 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         cfg, model, ckpt = load_run(args.run, device=args.device)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data = load_data(cfg)
@@ -132,8 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device)
     loss, acc = evaluate(model, loader, device)
     spec = model.spec()
-    baseline = build_network(cfg, data.num_classes, tuple(data.input_shape), device="meta").spec()
-    meter = CostMeter(baseline)
+    meter = CostMeter(baseline_spec_of(ckpt, cfg))
     flops, params = meter.deterministic(spec)
     fpr, ppr = meter.ratios(spec)
     record = {
@@ -156,11 +167,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         cfg, model, _ = load_run(args.run)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
-    written = export_run(model, out)
+    written = export_run(model, out, onnx=args.onnx or cfg.export.onnx)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
@@ -191,9 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's deterministic network (θ folded into the weights)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--out", help="export directory (default: <run>/<export.dir>)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (needs the onnx extra: pip install '.[onnx]'; else a notice)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("flops", help="baseline FLOPs (conv+linear MACs) and parameters of an architecture")
-    p.add_argument("--model", required=True, choices=sorted(ARCHITECTURES), help="architecture name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture name")
+    which.add_argument("--spec", metavar="FILE", help="a spec file (.toml or .json, format: theory/spec.py)")
     p.add_argument("--per-layer", action="store_true", help="also list FLOPs and parameters per layer")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.set_defaults(func=cmd_flops)

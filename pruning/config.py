@@ -49,8 +49,21 @@ ARCH_KWARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "resnet20": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
     "resnet56": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
     "resnet110": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
-    "resnet50": {"image_size": (int,)},
+    "resnet50": {"image_size": (int,), "in_channels": (int,), "width": (int,), "widen": (int,)},
+    "resnet18": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "resnet34": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "resnet101": {"image_size": (int,), "in_channels": (int,), "width": (int,), "widen": (int,)},
+    "resnet152": {"image_size": (int,), "in_channels": (int,), "width": (int,), "widen": (int,)},
+    "wide_resnet50_2": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "wide_resnet101_2": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "wrn": {"depth": (int,), "widen": (int,), "image_size": (int,), "in_channels": (int,)},
+    # a network from a spec file (model.spec = "path.toml|json", theory.spec.load_spec)
+    "spec": {"activation": (str,)},
+    # a network given in Python (Trainer(cfg, out, model=net)); rebuilt from the spec its checkpoint carries
+    "custom": {},
 }
+#: Suffixes of a spec file (``model.spec``).
+SPEC_SUFFIXES = (".toml", ".json")
 
 
 class ConfigError(ValueError):
@@ -81,13 +94,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``[model]``: ``pruning.models.build_model(arch, mode=, estimator=, theta_init=, **kwargs)``."""
+    """``[model]``: ``pruning.models.build_model(arch, mode=, estimator=, theta_init=, **kwargs)``.
+
+    ``arch = "spec"`` builds the network a spec file describes (``spec = "path/net.toml"`` or ``.json``,
+    relative to the working directory; format: :mod:`theory.spec`); ``arch = "custom"`` marks a
+    network given in Python (``Trainer(cfg, out, model=net)``), rebuilt from its checkpoint.
+    """
 
     arch: str = "resnet1d"
     mode: str = "combined"
     estimator: str = "straight-through"
     theta_init: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: str = ""  # the spec file of arch = "spec"
 
 
 @dataclass(frozen=True)
@@ -158,10 +177,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """``[export]``: write the deterministic network (θ folded into the weights) at the end of a run."""
+    """``[export]``: write the deterministic network (θ folded into the weights) at the end of a run.
+
+    ``onnx = true`` also writes ``model.onnx`` (needs the ``onnx`` extra; without it a notice and no file).
+    """
 
     enabled: bool = True
     dir: str = "export"
+    onnx: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,6 +334,11 @@ def _range_errors(cfg: RunConfig) -> list[str]:
             elif isinstance(value, bool) and bool not in allowed[key] or not isinstance(value, allowed[key]):
                 errors.append(f"model.kwargs.{key}: expected {'/'.join(_describe(a) for a in allowed[key])}, "
                               f"got {type(value).__name__} {value!r}")
+    if m.arch == "spec":
+        need(Path(m.spec).suffix in SPEC_SUFFIXES, "model.spec",
+             f"arch 'spec' needs the path of a spec file ending in {' or '.join(SPEC_SUFFIXES)}", m.spec)
+    else:
+        need(not m.spec, "model.spec", "is used only with model.arch = \"spec\"", m.spec)
     need(finite(o.gamma) and o.gamma > 0, "objective.gamma", "must be > 0", o.gamma)
     need(finite(o.rho) and 0.0 <= o.rho <= 1.0, "objective.rho", "must lie in [0, 1]", o.rho)
     need(finite(o.delta) and o.delta >= 0, "objective.delta", "must be >= 0", o.delta)
@@ -403,9 +431,21 @@ def _deepcopy(x: Any) -> Any:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> RunConfig:
-    """Read a TOML file (``None``: ``base`` or the embedded default), apply overrides, validate everything at once."""
+    """Read a TOML file (``None``: ``base`` or the embedded default), apply overrides, validate everything at once.
+
+    ``check_files``: also read the files the configuration names (``model.spec``); off for a resumed
+    run, whose checkpoint carries the network.
+
+    >>> cfg = load_config(None, ["model.arch=resnet20", "data.name=cifar10", "objective.gamma=0.1"])
+    >>> cfg.model.arch, cfg.objective.gamma
+    ('resnet20', 0.1)
+    """
     errors: list[str] = []
     raw: dict[str, Any] = _deepcopy(dict(base)) if base is not None else {}
     source = ""
@@ -423,9 +463,24 @@ def load_config(
         cfg = from_dict(raw, source=source)
     except ConfigError as exc:
         raise ConfigError(errors + exc.errors, source) from None
+    if check_files:
+        errors += _file_errors(cfg)
     if errors:
         raise ConfigError(errors, source)
     return cfg
+
+
+def _file_errors(cfg: RunConfig) -> list[str]:
+    """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read)."""
+    if cfg.model.arch != "spec":
+        return []
+    from theory.spec import load_spec
+
+    try:
+        load_spec(cfg.model.spec)
+    except ValueError as exc:
+        return [f"model.spec: {exc}"]
+    return []
 
 
 def to_toml(cfg: RunConfig) -> str:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,15 @@ import torch
 from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
-from .build import build_network, load_data
+from .build import build_network, check_fits, load_data
 from .checkpoint import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
     apply_structure,
     check_resume_config,
     load_checkpoint,
+    network_from_checkpoint,
+    network_record,
     save_checkpoint,
     structure_of,
 )
@@ -113,9 +115,28 @@ def _primitive(x: Any) -> Any:
 
 
 class Trainer:
-    """One run of Algorithm 1 in ``out_dir`` (see the module doc).  ``resume=True`` continues a checkpoint."""
+    """One run of Algorithm 1 in ``out_dir`` (see the module doc).  ``resume=True`` continues a checkpoint.
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> None:
+    The network is built from ``cfg.model`` — or given: ``model`` (a :class:`GatedNetwork` from
+    :func:`pruning.convert.gate`, :func:`pruning.models.from_spec` or ``build_model``) is trained and
+    pruned in place; its gating must be ``cfg.model``'s (mode, estimator), its classes and input shape
+    the data's, and the run records ``model.arch = "custom"`` with the network's spec in every
+    checkpoint, so ``load_run``, ``evaluate``, ``export`` and ``resume`` rebuild it from there.
+
+    >>> from pruning.config import load_config
+    >>> cfg = load_config(None, ["data.train_subset=64", "data.test_subset=32", "train.epochs=1",
+    ...                          "train.progress=false", "train.tensorboard=false", "export.enabled=false"])
+    >>> report = Trainer(cfg, tmp_dir).fit()                                      # doctest: +SKIP
+    >>> report["fPR"], report["test_accuracy"]                                    # doctest: +SKIP
+    """
+
+    def __init__(
+        self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None
+    ) -> None:
+        if model is not None:
+            if resume:
+                raise ValueError("resume rebuilds the network from its checkpoint; do not pass model= as well")
+            cfg = _config_for_model(cfg, model)
         self.cfg = cfg
         self.out = Path(out_dir)
         t = cfg.train
@@ -131,7 +152,13 @@ class Trainer:
         seed_everything(t.seed)
         self.data = load_data(cfg)
         self.N = len(self.data.train)
-        self.model = build_network(cfg, self.data.num_classes, tuple(self.data.input_shape))
+        if ckpt is not None:
+            self.model = network_from_checkpoint(ckpt, cfg)
+        elif model is not None:
+            check_fits(model.spec(), self.data.num_classes, tuple(self.data.input_shape), "the given network")
+            self.model = model
+        else:
+            self.model = build_network(cfg, self.data.num_classes, tuple(self.data.input_shape))
         self.baseline_spec = self.model.spec()
         o = cfg.objective
         self.objective = Objective(
@@ -209,6 +236,7 @@ class Trainer:
             "audit": self.audit.state_dict(),
             "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed},
             "data": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape), "N": self.N},
+            "network": network_record(self.baseline_spec, self.model),
         }
 
     def save_checkpoint(self) -> Path:
@@ -374,7 +402,7 @@ class Trainer:
 
         exports: dict[str, str] = {}
         if self.cfg.export.enabled:
-            exports = export_run(self.model, self.out / self.cfg.export.dir)
+            exports = export_run(self.model, self.out / self.cfg.export.dir, onnx=self.cfg.export.onnx)
         audit = self.audit.summary(self.model)
         if self.cfg.train.audit:
             t = self.cfg.train
@@ -401,21 +429,45 @@ class Trainer:
         return report
 
 
-def export_run(model: GatedNetwork, out_dir: Path) -> dict[str, str]:
-    """``export_deterministic`` + ``save_export``; returns the written paths by kind."""
+def _config_for_model(cfg: RunConfig, model: GatedNetwork) -> RunConfig:
+    """``cfg`` with ``model.arch = "custom"`` for a network given in Python; its gating must be ``cfg``'s."""
+    if not isinstance(model, GatedNetwork):
+        raise TypeError(f"model must be a GatedNetwork (pruning.gate, from_spec or build_model), got "
+                        f"{type(model).__name__}")
+    m = cfg.model
+    for key, have in (("mode", model.mode), ("estimator", model.estimator)):
+        if getattr(m, key) != have:
+            raise ValueError(f"model.{key} = {getattr(m, key)!r} but the given network was built with {key} "
+                             f"{have!r}; set model.{key} = {have!r} or build the network with {getattr(m, key)!r}")
+    return replace(cfg, model=replace(m, arch="custom", kwargs={}, spec=""))
+
+
+def export_run(model: GatedNetwork, out_dir: Path, *, onnx: bool = False) -> dict[str, str]:
+    """``export_deterministic`` + ``save_export`` (``onnx``: also ``model.onnx``); the written paths by kind.
+
+    >>> paths = export_run(model, Path("runs/x/export"))                         # doctest: +SKIP
+    >>> torch.export.load(paths["program"]).module()(x)                          # doctest: +SKIP
+    """
     from .export import export_deterministic, save_export
 
-    written = save_export(export_deterministic(model), out_dir)
+    written = save_export(export_deterministic(model), out_dir, onnx=onnx)
     return {str(k): str(v) for k, v in written.items()}
 
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[RunConfig, GatedNetwork, dict[str, Any]]:
-    """The configuration, the model (compacted structure, trained state) and the raw checkpoint of a run."""
+    """The configuration, the model (compacted structure, trained state, eval mode) and the raw checkpoint.
+
+    Works for every network — built-in, from a spec file or given in Python — as the checkpoint
+    carries the network's spec (:func:`pruning.checkpoint.network_from_checkpoint`).
+
+    >>> cfg, model, ckpt = load_run("runs/default")                               # doctest: +SKIP
+    >>> model.spec().depth, ckpt["progress"]["epoch"]                             # doctest: +SKIP
+    """
     ckpt = load_checkpoint(run_dir)
     cfg = from_dict(ckpt["config"])
     seed_everything(cfg.train.seed)
-    model = build_network(cfg, int(ckpt["data"]["num_classes"]), tuple(ckpt["data"]["input_shape"]))
+    model = network_from_checkpoint(ckpt, cfg)
     apply_structure(model, ckpt["structure"], cfg.train.eps)
     model.load_state_dict(ckpt["model"])
     model.to(resolve_device(device))
@@ -423,9 +475,17 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[RunConfig, Ga
     return cfg, model, ckpt
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run to the end; returns the report."""
-    report = Trainer(cfg, out_dir, resume=resume).fit()
+def train(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None
+) -> dict[str, Any]:
+    """Run (or resume) a training run to the end; returns the report (``report.json``'s content).
+
+    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).
+
+    >>> report = train(load_config("experiments/configs/default.toml"), "runs/default")  # doctest: +SKIP
+    >>> report["fPR"], report["test_accuracy"]                                    # doctest: +SKIP
+    """
+    report = Trainer(cfg, out_dir, resume=resume, model=model).fit()
     assert report is not None
     return report
 
