@@ -73,10 +73,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .distributed import restart_count
 
-    restarts = restart_count()
-    if restarts and not args.resume and args.out and (Path(args.out) / "checkpoint.pt").is_file():
-        args.resume = True
-        _say(f"torchrun restart {restarts}: resuming {args.out} from its last checkpoint")
     base = None
     if args.resume and not args.config:
         if not args.out:
@@ -96,6 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = _default_out(args, cfg.train.out_dir)
+    restarts = restart_count()
+    if restarts and not args.resume and (out / "checkpoint.pt").is_file():
+        args.resume = True
+        _say(f"torchrun restart {restarts}: resuming {out} from its last checkpoint")
     if not args.resume and (out / "checkpoint.pt").exists():
         print(f"error: {out} already holds a run (checkpoint.pt); use --resume to continue it or another --out",
               file=sys.stderr)
