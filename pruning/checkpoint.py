@@ -121,9 +121,24 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def epoch_sums_row(rows: list[list[float]], rank: int, world_size: int) -> list[float] | None:
+    """This process's running sums of the epoch in progress, from a mid-epoch checkpoint's per-process rows.
+
+    With the number of processes that wrote them each takes its own row (the run continues bit for
+    bit); with another number rank 0 takes their sum and the others start from zero (the sums over
+    all processes stay right).  ``None``: start from zero.
+    """
+    if not rows:
+        return None
+    if len(rows) == world_size:
+        return [float(v) for v in rows[rank]]
+    return [float(sum(col)) for col in zip(*rows)] if rank == 0 else None
+
+
 def check_resume_config(saved: RunConfig, given: RunConfig) -> None:
     """A resumed run must use the configuration it started with (display-only train keys may differ)."""
-    free = {"progress", "tensorboard", "log_every", "out_dir", "device"}
+    free = {"progress", "tensorboard", "log_every", "out_dir", "device", "checkpoint_every", "dist_timeout_s",
+            "sync_check_every"}
     a, b = saved.to_dict(), given.to_dict()
     a["train"] = {k: v for k, v in a["train"].items() if k not in free}
     b["train"] = {k: v for k, v in b["train"].items() if k not in free}
@@ -138,6 +153,7 @@ __all__ = [
     "apply_structure",
     "baseline_spec_of",
     "check_resume_config",
+    "epoch_sums_row",
     "load_checkpoint",
     "network_from_checkpoint",
     "network_record",

@@ -67,9 +67,22 @@ def _default_out(args: argparse.Namespace, cfg_out: str) -> Path:
     return Path("runs") / stem
 
 
+def _say(*lines: str, err: bool = False) -> None:
+    """Print on rank 0 only (every process of a ``torchrun`` job runs this command line)."""
+    from .distributed import env_world
+
+    if env_world()[0] == 0:
+        print(*lines, sep="\n", file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Algorithm 1 (``pruning.train``); a bad configuration exits with 2 before anything is written."""
+    """Algorithm 1 (``pruning.train``); a bad configuration exits with 2 before anything is written.
+
+    Under ``torchrun`` every process runs this; a job that ``torchrun --max-restarts`` restarted
+    after a failure resumes from the run's last checkpoint by itself.
+    """
     from .config import ConfigError, load_config
+    from .distributed import restart_count
 
     base = None
     if args.resume and not args.config:
@@ -90,6 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = _default_out(args, cfg.train.out_dir)
+    restarts = restart_count()
+    if restarts and not args.resume and (out / "checkpoint.pt").is_file():
+        args.resume = True
+        _say(f"torchrun restart {restarts}: resuming {out} from its last checkpoint")
     if not args.resume and (out / "checkpoint.pt").exists():
         print(f"error: {out} already holds a run (checkpoint.pt); use --resume to continue it or another --out",
               file=sys.stderr)
@@ -98,28 +115,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: --resume: no checkpoint {out / 'checkpoint.pt'}", file=sys.stderr)
         return 2
 
+    from .distributed import DistributedError, init_distributed
+    from .interrupt import RunInterrupted
     from .train import Trainer, TrainingDiverged
 
     try:
-        trainer = Trainer(cfg, out, resume=args.resume)
-    except ValueError as exc:  # configuration mismatch on resume, model/data problems
-        print(f"error: {exc}", file=sys.stderr)
+        dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    except (DistributedError, RuntimeError, ValueError) as exc:
+        print(f"error: cannot join the torchrun process group: {exc}", file=sys.stderr)
         return 2
     try:
-        report = trainer.fit()
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
-        return 1
+        try:
+            trainer = Trainer(cfg, out, resume=args.resume, dist=dist)
+        except ValueError as exc:  # configuration mismatch on resume, model/data problems
+            _say(f"error: {exc}", err=True)
+            return 2
+        try:
+            report = trainer.fit()
+        except TrainingDiverged as exc:
+            print(f"error: training diverged: {exc}", file=sys.stderr)
+            return 1
+        except RunInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint written at the current step
+            _say(str(stop), err=True)
+            return stop.exit_code
+        except DistributedError as exc:  # another process died or the processes disagree
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+    finally:
+        dist.close()
     assert report is not None
-    print(
+    _say(
         f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
         f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
         f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s -> {out}"
+        + (f" ({report['processes']} processes)" if report.get("processes", 1) > 1 else "")
     )
     if report.get("audit"):
         from .report import audit_lines
 
-        print("\n".join(audit_lines(report["audit"])))
+        _say("\n".join(audit_lines(report["audit"])))
     return 0
 
 
@@ -128,25 +162,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .build import load_data
     from .checkpoint import baseline_spec_of
     from .data import make_loader
+    from .distributed import init_distributed
     from .evaluation import evaluate
     from .objective import CostMeter
-    from .runtime import resolve_device
     from .train import load_run
 
+    dist = init_distributed(args.device)  # under torchrun: every process evaluates its part of each batch
     try:
-        cfg, model, ckpt = load_run(args.run, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    data = load_data(cfg)
-    split = data.test if args.split == "test" else data.train
-    device = resolve_device(args.device)
-    loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device)
-    loss, acc = evaluate(model, loader, device)
+        device = dist.device(args.device)
+        try:
+            cfg, model, ckpt = load_run(args.run, device=device)
+        except (FileNotFoundError, ValueError) as exc:
+            _say(f"error: {exc}", err=True)
+            return 2
+        data = load_data(cfg)
+        split = data.test if args.split == "test" else data.train
+        loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device,
+                             rank=dist.rank, world_size=dist.world_size)
+        loss, acc = evaluate(model, loader, device, all_reduce=dist.all_reduce_sum if dist.active else None)
+    finally:
+        dist.close()
     spec = model.spec()
     meter = CostMeter(baseline_spec_of(ckpt, cfg))
     flops, params = meter.deterministic(spec)
     fpr, ppr = meter.ratios(spec)
+    if dist.rank != 0:
+        return 0
     record = {
         "run": str(args.run), "split": args.split, "epoch": ckpt["progress"]["epoch"], "loss": loss, "accuracy": acc,
         "flops": flops, "params": params, "fPR": fpr, "pPR": ppr, "layers": spec.depth,
@@ -188,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a configuration value, e.g. --set objective.gamma=0.5 (repeatable)")
     p.add_argument("--out", help="run directory (default: train.out_dir or runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (mid-epoch ones at the exact batch; "
+                        "also with another number of torchrun processes)")
     p.add_argument("--audit", action="store_true",
                    help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
                         "reports how many recover (premature-pruning rate) and how many were certified")
@@ -196,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy and FLOPs of a run's latest checkpoint (mean-field network)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="under torchrun every process evaluates its part of the split (cuda: one GPU per process)")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("export", help="export a run's deterministic network (θ folded into the weights)")

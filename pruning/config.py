@@ -173,6 +173,10 @@ class TrainConfig:
     audit: bool = False  # pruning audit mode: ε-rule flags structures but keeps them (pruning.audit)
     audit_window: int = 100  # iterations of the running max that estimates the Lemma-1 constant k
     audit_every: int = 4  # iterations between two observations of the Lemma-1 ratios (0 = no k estimate)
+    checkpoint_every: int = 0  # iterations between mid-epoch checkpoints (0 = only at epoch ends)
+    sync_bn: bool = False  # torchrun runs: BatchNorm statistics over the global batch (pruning.syncbn)
+    dist_timeout_s: float = 600.0  # torchrun runs: a collective waiting longer than this fails the run
+    sync_check_every: int = 0  # torchrun runs: compare parameter digests across processes every k steps (0 = off)
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,11 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     need(t.audit_window >= 1, "train.audit_window", "must be >= 1 (iterations)", t.audit_window)
     need(t.audit_every >= 0, "train.audit_every", "must be >= 0 (iterations; 0 = no Lemma-1 estimate)", t.audit_every)
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (iterations; 0 = epoch ends only)",
+         t.checkpoint_every)
+    need(finite(t.dist_timeout_s) and t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0 (seconds)",
+         t.dist_timeout_s)
+    need(t.sync_check_every >= 0, "train.sync_check_every", "must be >= 0 (iterations; 0 = off)", t.sync_check_every)
     need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
     return errors
 

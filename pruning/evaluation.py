@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -15,9 +15,14 @@ from .runtime import autocast_ctx, to_device
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Iterable[Any], device: torch.device, *, amp_bf16: bool = False,
-    channels_last: bool = False,
+    channels_last: bool = False, all_reduce: Callable[[torch.Tensor], object] | None = None,
 ) -> tuple[float, float]:
-    """Mean-field evaluation (every gate replaced by its θ, §5): mean cross-entropy and accuracy."""
+    """Mean-field evaluation (every gate replaced by its θ, §5): mean cross-entropy and accuracy.
+
+    Sharded (a data-parallel run, each process's loader holding its part of every batch):
+    ``all_reduce`` sums the loss sum, correct count and sample count over the processes in place,
+    so that every process returns the statistics of the whole split.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -31,6 +36,10 @@ def evaluate(
             count += int(y.shape[0])
     finally:
         model.train(was_training)
+    if all_reduce is not None:
+        totals = torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64, device=device)
+        all_reduce(totals)
+        loss_sum, correct, count = float(totals[0]), int(totals[1]), int(totals[2])
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 

@@ -37,6 +37,9 @@ all its gates with one ``bernoulli`` call per forward pass
 (:func:`shared_sample`, used by :class:`pruning.models.GatedNetwork`): the same
 distribution (independent ``Bernoulli(θ_i)``), one random-number kernel
 instead of one per gate; a gate used outside such a pass draws its own.
+Samples come from torch's global generator, or from the generator set with
+:func:`sampling_generator` (the trainer gives every step of every process its
+own stream, derived from the seed, the process's rank and the step).
 
 ``θ`` is initialised to ``theta_init`` (default 1.0: the starting network is
 the full deterministic network; the seed's Table 1 value of the initial ``θ``
@@ -58,6 +61,20 @@ from torch import Tensor, nn
 MODES = ("combined", "layer", "unit", "none")
 #: Estimators of ``∂E/∂θ`` (THEORY §5).
 ESTIMATORS = ("straight-through", "exact-difference")
+
+#: The generator every gate sample is drawn from (``None``: torch's global generator); see :func:`sampling_generator`.
+_GENERATOR: list[torch.Generator | None] = [None]
+
+
+@contextmanager
+def sampling_generator(generator: torch.Generator | None) -> Iterator[None]:
+    """Draw every gate sample inside the block from ``generator`` (on the gates' device)."""
+    previous = _GENERATOR[0]
+    _GENERATOR[0] = generator
+    try:
+        yield
+    finally:
+        _GENERATOR[0] = previous
 
 
 def check_choice(field: str, value: object, allowed: Sequence[str]) -> str:
@@ -111,7 +128,7 @@ class Gate(nn.Module):
     def draw(self) -> Tensor:
         """One sample ``ξ ~ Bernoulli(θ)`` (detached, float32, shape of ``θ``)."""
         with torch.no_grad():
-            return torch.bernoulli(self.theta.detach().clamp(0.0, 1.0))
+            return torch.bernoulli(self.theta.detach().clamp(0.0, 1.0), generator=_GENERATOR[0])
 
     def fix(self, value: Tensor | float | None) -> None:
         """Pin ``ξ`` to ``value`` (broadcast to ``θ``'s shape) in every mode; ``None`` releases it."""
@@ -204,7 +221,7 @@ def shared_sample(gates: Sequence[Gate]) -> Iterator[None]:
         if not st:
             flat = flat.detach()
         with torch.no_grad():
-            xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0))
+            xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0), generator=_GENERATOR[0])
         samples = xi.split(sizes)
         # straight-through: one autograd node for every gate (the identity to the concatenated θ)
         multipliers = StraightThrough.apply(flat, xi).split(sizes) if st else samples
@@ -245,5 +262,6 @@ __all__ = [
     "gate_modules",
     "has_block_gates",
     "has_unit_gates",
+    "sampling_generator",
     "shared_sample",
 ]

@@ -69,6 +69,7 @@ from .gates import (
     has_unit_gates,
     shared_sample,
 )
+from .syncbn import batch_norm as _batch_norm  # BN with a given affine pair (synchronised when train.sync_bn)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 ARCHS = ("residual_mlp", "resnet1d", "resnet20", "resnet56", "resnet110", "resnet50", "resnet18", "resnet34",
@@ -193,23 +194,6 @@ class WeightLayer(nn.Module):
             bn=self.bn is not None,
             act=self.act is not None,
         )
-
-
-def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``bn(x)`` with the affine pair ``(weight, bias)`` instead of ``(bn.weight, bn.bias)``.
-
-    Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward`` (batch statistics in train mode,
-    running statistics and ``num_batches_tracked`` updated the same way).
-    """
-    bn._check_input_dim(x)
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        weight, bias, use_batch, factor, bn.eps)
 
 
 # ------------------------------------------------------------------------------------------------

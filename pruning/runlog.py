@@ -16,6 +16,8 @@ from typing import Any
 from theory.atomic import atomic_write
 
 LOG_CSV = "log.csv"
+#: Cross-process parameter digests of a data-parallel run (``train.sync_check_every``), one line per check.
+SYNC_CSV = "sync_check.csv"
 #: Log columns that measure time; everything else must agree between a resumed and an uninterrupted run.
 TIME_FIELDS = ("epoch_time_s", "wall_time_s")
 
@@ -24,13 +26,16 @@ class RunLog:
     """CSV + optional TensorBoard + console output of one run in ``out``.
 
     ``purge_step``: on resume, TensorBoard events after this step (written by the interrupted run
-    after its last checkpoint) are dropped.
+    after its last checkpoint) are dropped.  ``writer=False`` (every process but rank 0 of a
+    data-parallel run): nothing is written or printed.
     """
 
-    def __init__(self, out: Path, *, tensorboard: bool, progress: bool, purge_step: int | None = None) -> None:
+    def __init__(self, out: Path, *, tensorboard: bool, progress: bool, purge_step: int | None = None,
+                 writer: bool = True) -> None:
         self.out = Path(out)
-        self.tensorboard = tensorboard
-        self.progress = progress
+        self.writer = writer
+        self.tensorboard = tensorboard and writer
+        self.progress = progress and writer
         self.purge_step = purge_step or None
         self._writer: Any = None
 
@@ -58,6 +63,8 @@ class RunLog:
 
     def epoch(self, rows: list[dict[str, Any]], epoch: int) -> None:
         """The log after epoch ``epoch``: ``log.csv`` (all ``rows``), TensorBoard ``epoch/...``, one console line."""
+        if not self.writer:
+            return
         write_csv(self.out / LOG_CSV, rows)
         rec = rows[-1]
         writer = self._tb()
@@ -68,6 +75,20 @@ class RunLog:
             writer.flush()
         if self.progress:
             echo(rec)
+
+    def sync_check(self, step: int, where: str, digests: list[str]) -> None:
+        """One line of ``sync_check.csv``: the step, what preceded the check, every process's parameter digest.
+
+        A diagnostic trail, appended line by line (the trainer has already stopped the run if the
+        digests differ).
+        """
+        if not self.writer:
+            return
+        path = self.out / SYNC_CSV
+        header = "" if path.exists() else "step,where,ranks,agree," + ",".join(
+            f"sha256_rank{r}" for r in range(len(digests))) + "\n"
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{header}{step},{where},{len(digests)},{int(len(set(digests)) == 1)},{','.join(digests)}\n")
 
     def close(self) -> None:
         if self._writer is not None:
@@ -104,4 +125,4 @@ def echo(rec: dict[str, Any]) -> None:
     )
 
 
-__all__ = ["LOG_CSV", "TIME_FIELDS", "RunLog", "echo", "write_csv"]
+__all__ = ["LOG_CSV", "SYNC_CSV", "TIME_FIELDS", "RunLog", "echo", "write_csv"]

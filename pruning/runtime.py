@@ -34,6 +34,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_STREAM_GATES = 3  # the data streams of pruning.data use 0, 1, 2
+
+
+def gate_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the gate samples of iteration ``step`` on process ``rank``: a pure function of the three.
+
+    Every process draws its own samples (the straight-through estimate of a data-parallel run
+    averages ``world_size`` of them); a resumed run draws exactly what the interrupted one would
+    have, without any saved RNG state.
+    """
+    from .data import derive_seed
+
+    return derive_seed(seed, rank, step, _STREAM_GATES)
+
+
 def capture_rng() -> dict[str, Any]:
     """Torch (CPU + CUDA), numpy and python RNG states as tensors/primitives (``weights_only`` loadable)."""
     np_state = np.random.get_state()  # noqa: NPY002
@@ -79,4 +94,4 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
     return x, y
 
 
-__all__ = ["autocast_ctx", "capture_rng", "resolve_device", "restore_rng", "seed_everything", "to_device"]
+__all__ = ["autocast_ctx", "capture_rng", "gate_seed", "resolve_device", "restore_rng", "seed_everything", "to_device"]

@@ -36,6 +36,8 @@ def algorithm1_step(
     spec: Any = None,
     amp: bool = False,
     before_update: Callable[[], object] | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    average: Callable[[list[torch.Tensor]], object] | None = None,
 ) -> tuple[ObjectiveTerms, torch.Tensor]:
     """Steps 1–3 of Algorithm 1 on one mini-batch (the ε-rule, step 4, is the caller's).
 
@@ -47,10 +49,16 @@ def algorithm1_step(
     weight step, the ``θ`` step and ``Θ ← Π_H(Θ)`` [14]–[15].  Raises
     :class:`NonFiniteObjective` before touching any parameter if ``J`` is not
     finite.  Returns the objective terms and the network output.
+
+    Data-parallel runs (:mod:`pruning.distributed`): ``forward`` is the
+    ``DistributedDataParallel`` wrapper of ``model`` (its backward averages
+    ``∇W`` and ``∇Θ`` over the processes), and ``average`` averages a list of
+    tensors over the processes in place — the exact-difference estimates, which
+    do not pass through autograd.
     """
     dev = x.device
     with autocast_ctx(dev, amp):
-        out = model(x)
+        out = (model if forward is None else forward)(x)
     terms = objective(model, out, y, spec=spec)
     if not bool(torch.isfinite(terms.total.detach())):
         raise NonFiniteObjective(terms)
@@ -61,6 +69,8 @@ def algorithm1_step(
     if opt_t is not None and model.estimator == "exact-difference":
         with autocast_ctx(dev, amp):
             est = model.exact_gate_grads(objective.loss, x, y)
+        if average is not None:
+            average([est[q] for q in model.gate_parameters()])
         for q in model.gate_parameters():
             e = est[q].to(q.dtype)
             q.grad = e if q.grad is None else q.grad + e  # ∇C/N came from backward

@@ -27,6 +27,12 @@ surviving units (``unit_ids`` buffer) and a pruned block has no path parameters,
 from the configuration is brought to the same structure by forcing those gates to 0 and running
 the same pruning rule.
 
+Long runs: ``train.checkpoint_every`` adds mid-epoch checkpoints (position and running sums of the
+epoch: ``resume`` continues at the exact batch); SIGINT/SIGTERM stop at a step boundary with one.
+Under ``torchrun`` every process trains on its part of each global batch through a DDP wrapper
+(:attr:`Trainer.forward`, rebuilt after each compaction) with its own gate samples (a stream per
+seed, rank and step), prunes in lock-step, and only rank 0 writes.
+
 The trainer is assembled from parts with one job each, imported here:
 
 * :mod:`pruning.build` — config → data splits and gated network;
@@ -35,7 +41,10 @@ The trainer is assembled from parts with one job each, imported here:
 * :mod:`pruning.checkpoint` — checkpoint contents, atomic save, safe load, structure replay;
 * :mod:`pruning.evaluation` — the mean-field evaluation;
 * :mod:`pruning.runlog` — ``log.csv``, TensorBoard and the console;
-* :mod:`pruning.runtime` — devices, seeds, RNG state, autocast.
+* :mod:`pruning.runtime` — devices, seeds, RNG state, autocast;
+* :mod:`pruning.distributed` — process group, DDP wrapper, cross-process agreement;
+* :mod:`pruning.interrupt` — clean stops on SIGINT/SIGTERM;
+* :mod:`pruning.syncbn` — BatchNorm statistics over the global batch (``train.sync_bn``).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from .checkpoint import (
     CHECKPOINT_VERSION,
     apply_structure,
     check_resume_config,
+    epoch_sums_row,
     load_checkpoint,
     network_from_checkpoint,
     network_record,
@@ -65,12 +75,27 @@ from .checkpoint import (
 )
 from .config import RunConfig, from_dict, to_toml
 from .data import make_loader
+from .distributed import (
+    DistContext,
+    PeerLost,
+    agree,
+    check_in_sync,
+    first_line,
+    init_distributed,
+    is_comm_failure,
+    prune_decision,
+    sync_buffers,
+    under_torchrun,
+    wrap_ddp,
+)
 from .evaluation import evaluate, theta_stats
+from .gates import sampling_generator
+from .interrupt import RunInterrupted, StopSignals
 from .models import GatedNetwork
 from .objective import CostMeter, Objective
 from .optim import lr_at, make_optimizers
 from .runlog import RunLog
-from .runtime import capture_rng, resolve_device, restore_rng, seed_everything, to_device
+from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
 from .step import NonFiniteObjective, algorithm1_step
 
 CONFIG_ECHO = "config.toml"
@@ -97,6 +122,12 @@ class Progress:
     train_time_s: float = 0.0
     log: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # inside the epoch in progress (all 0 at epoch boundaries): batches done, each process's running sums
+    # (data loss·b, J·b, C/N·b, correct, b), Σ E[F]·|B| so far, seconds so far
+    batch: int = 0
+    epoch_sums: list[list[float]] = field(default_factory=list)
+    epoch_cum_flops: float = 0.0
+    epoch_time_s: float = 0.0
 
 
 def _event_record(event: Any, epoch: int, step: int) -> dict[str, Any] | None:
@@ -114,6 +145,9 @@ def _primitive(x: Any) -> Any:
     return x
 
 
+EPOCH_SUMS = 5  # data loss·b, J·b, C/N·b, correct, b (one process's part of every batch)
+
+
 class Trainer:
     """One run of Algorithm 1 in ``out_dir`` (see the module doc).  ``resume=True`` continues a checkpoint.
 
@@ -123,6 +157,9 @@ class Trainer:
     the data's, and the run records ``model.arch = "custom"`` with the network's spec in every
     checkpoint, so ``load_run``, ``evaluate``, ``export`` and ``resume`` rebuild it from there.
 
+    ``dist``: this process's place in a data-parallel run (default: joined from the ``torchrun``
+    environment; one process without it).
+
     >>> from pruning.config import load_config
     >>> cfg = load_config(None, ["data.train_subset=64", "data.test_subset=32", "train.epochs=1",
     ...                          "train.progress=false", "train.tensorboard=false", "export.enabled=false"])
@@ -131,7 +168,8 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None
+        self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         if model is not None:
             if resume:
@@ -140,7 +178,12 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.dist = dist if dist is not None else init_distributed(t.device, t.dist_timeout_s)
+        world = self.dist.world_size
+        if t.batch_size % world:
+            raise ValueError(f"train.batch_size = {t.batch_size} (the global batch) does not divide by the world "
+                             f"size {world} (processes); use a multiple of {world}")
+        self.device = self.dist.device(t.device)
         if t.threads:
             torch.set_num_threads(t.threads)
         ckpt: dict[str, Any] | None = None
@@ -176,25 +219,45 @@ class Trainer:
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if t.sync_bn and self.dist.active:
+            from .syncbn import convert
+
+            convert(self.model)
         self.opt_w, self.opt_t = make_optimizers(cfg, self.model.weight_parameters(), self.model.gate_parameters())
+        self._saved_at: tuple[int, int] | None = None  # (epoch, batch) of the last checkpoint
         if ckpt is not None:
             self._load_optimizers(ckpt)
             self.progress = Progress(**ckpt["progress"])
             if ckpt.get("audit") is not None:
                 self.audit.load_state_dict(ckpt["audit"], self.device)
             restore_rng(ckpt["rng"])
+            self._saved_at = (self.progress.epoch, self.progress.batch)
+        shard = {"rank": self.dist.rank, "world_size": world}
         self.loader = make_loader(
             self.data.train, t.batch_size, train=True, seed=t.seed, num_workers=cfg.data.num_workers,
-            device=self.device,
+            device=self.device, **shard,
         )
         self.test_loader = make_loader(
             self.data.test, t.eval_batch_size, train=False, seed=t.seed, num_workers=cfg.data.num_workers,
-            device=self.device,
+            device=self.device, **shard,
         )
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
+        #: what a training step runs forward through: the network, or its DDP wrapper (rebuilt after compaction)
+        self.forward: torch.nn.Module = wrap_ddp(self.model, self.dist, self.device)
+        self._gate_rng = torch.Generator(device=self.device)
+        self.stops = StopSignals()
+        self._epoch_sums, self._epoch_cum = self._restore_epoch_sums()
+        self._epoch_t0 = time.perf_counter() - self.progress.epoch_time_s
         self.log = RunLog(self.out, tensorboard=t.tensorboard, progress=t.progress,
-                          purge_step=self.progress.global_step)
+                          purge_step=self.progress.global_step, writer=self.dist.is_writer)
+
+    def _restore_epoch_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's running sums of the epoch in progress (:func:`~pruning.checkpoint.epoch_sums_row`)."""
+        p, d = self.progress, self.dist
+        row = epoch_sums_row(p.epoch_sums, d.rank, d.world_size) if p.batch else None
+        sums = torch.tensor(row or [0.0] * EPOCH_SUMS, dtype=torch.float64, device=self.device)
+        return sums, torch.tensor([p.epoch_cum_flops if p.batch else 0.0], dtype=torch.float64, device=self.device)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _param_names(self, opt: torch.optim.Optimizer | None) -> list[list[str]]:
@@ -216,7 +279,10 @@ class Trainer:
             opt.load_state_dict(saved)
 
     def checkpoint_dict(self) -> dict[str, Any]:
+        """The checkpoint's contents (in a data-parallel run a collective: every process takes part)."""
         p = self.progress
+        inside = p.batch > 0
+        rows = self.dist.gather_rows(self._epoch_sums).tolist() if inside else []
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
@@ -230,29 +296,56 @@ class Trainer:
             "progress": {
                 "epoch": p.epoch, "global_step": p.global_step, "samples": p.samples, "cum_flops": p.cum_flops,
                 "cum_flops_dense": p.cum_flops_dense, "train_time_s": p.train_time_s, "log": p.log,
-                "events": p.events,
+                "events": p.events, "batch": p.batch, "epoch_sums": rows,
+                "epoch_cum_flops": float(self._epoch_cum) if inside else 0.0,
+                "epoch_time_s": time.perf_counter() - self._epoch_t0 if inside else 0.0,
             },
             "rng": capture_rng(),
             "audit": self.audit.state_dict(),
-            "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed},
+            "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed, "batch": p.batch,
+                       "world_size": self.dist.world_size},
             "data": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape), "N": self.N},
             "network": network_record(self.baseline_spec, self.model),
         }
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.out / CHECKPOINT, self.checkpoint_dict())
+        """Write the checkpoint (rank 0; every process must call it) at the current step."""
+        state = self.checkpoint_dict()
+        path = self.out / CHECKPOINT
+        if self.dist.is_writer:
+            save_checkpoint(path, state)
+        self._saved_at = (self.progress.epoch, self.progress.batch)
+        return path
+
+    def _last_checkpoint(self) -> str:
+        if self._saved_at is None:
+            return "No checkpoint was written yet."
+        e, b = self._saved_at
+        where = f"epoch {e + 1}, iteration {b}" if b else f"after epoch {e}"
+        return f"The last good checkpoint ({self.out / CHECKPOINT}, {where}) is kept."
+
+    def resume_hint(self) -> str:
+        """The command that continues this run."""
+        if self.dist.active or under_torchrun():
+            return (f"torchrun --standalone --nproc_per_node={self.dist.world_size} -m pruning train "
+                    f"--out {self.out} --resume")
+        return f"python -m pruning train --out {self.out} --resume"
 
     # -- one epoch ----------------------------------------------------------------------------
     def _prune(self, epoch: int) -> bool:
         from .compaction import prune
 
         opts = [o for o in (self.opt_w, self.opt_t) if o is not None]
-        flagged = self.audit.flag(self.model, self.spec, step=self.progress.global_step, epoch=epoch)
+        step, eps = self.progress.global_step, self.cfg.train.eps
+        thetas = self.model.gate_parameters()
+        if self.dist.active and thetas:  # lock-step: every process decides on rank 0's θ, bit for bit
+            agree(self.dist, prune_decision(thetas, eps), f"pruning decision at step {step}")
+        flagged = self.audit.flag(self.model, self.spec, step=step, epoch=epoch)
         if self.cfg.train.audit:  # audit mode: flagged structures stay and keep training
             return False
-        event = prune(self.model, self.cfg.train.eps, opts, step=self.progress.global_step)
+        event = prune(self.model, eps, opts, step=step)
         self.audit.confirm(flagged, event)
-        rec = _event_record(event, epoch, self.progress.global_step)
+        rec = _event_record(event, epoch, step)
         if rec is None:
             return False
         self.progress.events.append(rec)
@@ -260,22 +353,61 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
+        self.forward = wrap_ddp(self.model, self.dist, self.device, previous=self.forward)  # new parameters
+        if self.cfg.train.sync_check_every:
+            self._sync_check("prune")
         return True
 
+    def _sync_check(self, where: str) -> None:
+        """Parameter digests of every process compared (``train.sync_check_every``); a line in ``sync_check.csv``."""
+        step = self.progress.global_step
+        digests = check_in_sync(self.dist, self.model, f"step {step} (after {where})")
+        self.log.sync_check(step, where, digests)
+
+    def _gates_at(self, step: int) -> torch.Generator:
+        """The generator of the gate samples of iteration ``step`` on this process (:func:`gate_seed`)."""
+        return self._gate_rng.manual_seed(gate_seed(self.cfg.train.seed, self.dist.rank, step))
+
+    def _after_step(self, epoch: int, spe: int) -> None:
+        """Mid-epoch checkpoint (``train.checkpoint_every``), cross-process check, clean stop on a signal."""
+        t, p = self.cfg.train, self.progress
+        if t.sync_check_every and p.global_step % t.sync_check_every == 0:
+            self._sync_check("step")
+        saved = False
+        if t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and p.batch < spe:
+            self.save_checkpoint()
+            saved = True
+        signum = self.stops.agreed(self.dist)
+        if signum:
+            if not saved:
+                self.save_checkpoint()
+            self.dist.barrier()  # every process leaves once the checkpoint is on disk
+            raise RunInterrupted(signum, epoch + 1, p.batch, self.resume_hint())
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training data (epoch ``epoch``, 0-based); returns mean training statistics."""
+        """One pass over the training data (epoch ``epoch``, 0-based); returns mean training statistics.
+
+        Starts at batch ``progress.batch`` (non-zero after resuming from a mid-epoch checkpoint).
+        In a data-parallel run this process trains on its part of every global batch; the
+        returned statistics are those of the whole batches (summed over the processes).
+        """
         cfg, t, p = self.cfg, self.cfg.train, self.progress
-        model, dev = self.model, self.device
+        model, dev, world = self.model, self.device, self.dist.world_size
         spe = len(self.loader)
         amp = t.amp_bf16
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # data loss, J, C/N, correct
-        cum = torch.zeros(1, dtype=torch.float64, device=dev)
-        count = 0
+        start = p.batch
+        if start == 0:
+            self._epoch_sums.zero_()
+            self._epoch_cum.zero_()
+        sums, cum = self._epoch_sums, self._epoch_cum
+        average = self.dist.average if self.dist.active else None
         lr = lr_at(cfg, p.global_step, spe)
         bar = self.log.bar(spe, f"epoch {epoch + 1}/{t.epochs}")
+        if bar is not None and start:
+            bar.update(start)
         try:
-            for i, (x, y) in enumerate(self.loader.iter_epoch(epoch)):
+            for i, (x, y) in enumerate(self.loader.iter_epoch(epoch, start), start=start):
                 x, y = to_device(x, y, dev, t.channels_last)
                 lr = lr_at(cfg, p.global_step, spe)
                 for g in self.opt_w.param_groups:
@@ -283,53 +415,57 @@ class Trainer:
                 ef = self.meter.expected_flops(model, self.spec)  # E[F] at the θ of this sample (Figure 4)
                 observe = t.audit_every and p.global_step % t.audit_every == 0
                 try:
-                    terms, out = algorithm1_step(
-                        model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
-                        before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
-                    )
+                    with sampling_generator(self._gates_at(p.global_step)):
+                        terms, out = algorithm1_step(
+                            model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
+                            before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
+                            forward=self.forward, average=average,
+                        )
                 except NonFiniteObjective as err:
                     j, d, c = (float(v.detach()) for v in (err.terms.total, err.terms.data, err.terms.complexity))
                     raise TrainingDiverged(
                         f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g}) "
                         f"at epoch {epoch + 1}, iteration {i + 1}/{spe} "
-                        f"(global step {p.global_step + 1}); stopping. "
-                        + (f"The last good checkpoint ({self.out / CHECKPOINT}, after epoch {p.epoch}) is kept."
-                           if p.epoch > 0 else "No checkpoint was written yet (the first epoch did not finish).")
+                        f"(global step {p.global_step + 1}); stopping. " + self._last_checkpoint()
                     ) from None
                 if t.audit:
                     self.audit.track(model)
-                b = int(y.shape[0])
+                b_mine = int(y.shape[0])
+                b = b_mine * world  # the global batch (equal parts)
                 cum += ef * b
                 p.cum_flops_dense += self._det_flops * b
                 p.samples += b
-                count += b
                 with torch.no_grad():
                     sums += torch.stack([
-                        terms.data.detach().double() * b, terms.total.detach().double() * b,
-                        terms.complexity.detach().double() * b, (out.argmax(1) == y).sum().double(),
+                        terms.data.detach().double() * b_mine, terms.total.detach().double() * b_mine,
+                        terms.complexity.detach().double() * b_mine, (out.argmax(1) == y).sum().double(),
+                        torch.full((), float(b_mine), dtype=torch.float64, device=dev),
                     ])
                 p.global_step += 1
+                p.batch = i + 1
                 if p.global_step % t.prune_every == 0:
                     self._prune(epoch + 1)
                 if bar is not None:
                     bar.update(1)
-                if p.global_step % t.log_every == 0:
-                    loss_now = float(terms.data.detach())
+                if p.global_step % t.log_every == 0 and (t.progress or t.tensorboard):
+                    mean = self.dist.all_reduce_sum(torch.stack([terms.data.detach(), terms.total.detach()]).double())
+                    loss_now, j_now = (float(v) / world for v in mean)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_now:.3f}", layers=self.spec.depth, lr=f"{lr:.3g}")
-                    self.log.iteration(p.global_step, {"train_loss": loss_now, "J": float(terms.total.detach()),
-                                                       "lr": lr})
+                    self.log.iteration(p.global_step, {"train_loss": loss_now, "J": j_now, "lr": lr})
+                self._after_step(epoch, spe)
         finally:
             if bar is not None:
                 bar.close()
+        totals = self.dist.all_reduce_sum(sums.clone())
         p.cum_flops += float(cum)
-        s = (sums / max(count, 1)).tolist()
+        p.batch = 0
+        s = (totals[:4] / max(float(totals[4]), 1.0)).tolist()
         return {"train_loss": s[0], "train_J": s[1], "train_complexity": s[2], "train_acc": s[3], "lr": lr}
 
     def epoch_record(self, epoch: int, train_stats: dict[str, float], epoch_time: float) -> dict[str, Any]:
         p, spec, meter = self.progress, self.spec, self.meter
-        test_loss, test_acc = evaluate(self.model, self.test_loader, self.device, amp_bf16=self.cfg.train.amp_bf16,
-                                       channels_last=self.cfg.train.channels_last)
+        test_loss, test_acc = self.evaluate(self.model)
         gates = self.model.block_gates()
         block_thetas = [g.theta_B for g in gates if g.theta_B is not None]
         unit_thetas = [t for g in gates if g.theta_1 is not None for t in g.theta_1 if t is not None]
@@ -368,28 +504,51 @@ class Trainer:
         }
         return rec
 
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        """Mean-field test loss and accuracy; sharded over the processes (rank 0's BatchNorm statistics)."""
+        t = self.cfg.train
+        sync_buffers(model, self.dist)
+        return evaluate(model, self.test_loader, self.device, amp_bf16=t.amp_bf16, channels_last=t.channels_last,
+                        all_reduce=self.dist.all_reduce_sum if self.dist.active else None)
+
     # -- the run --------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> None:
+        """The run folder and its configuration echo: the one place where a run's start writes files (rank 0)."""
+        if self.dist.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / CONFIG_ECHO, to_toml(self.cfg))
+
     def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train the remaining epochs; checkpoint and log each; write report and export at the end.
 
         ``stop_after`` ends the run (without report) once that many epochs are complete, as if it had
-        been interrupted there; ``resume`` continues it.
+        been interrupted there; ``resume`` continues it.  SIGINT/SIGTERM stop it at the end of the
+        current step with a checkpoint (:class:`~pruning.interrupt.RunInterrupted`); in a
+        data-parallel run a process that is lost raises :class:`~pruning.distributed.PeerLost`.
         """
-        cfg, t, p = self.cfg, self.cfg.train, self.progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / CONFIG_ECHO, to_toml(cfg))
+        t, p = self.cfg.train, self.progress
+        self.prepare_run_dir()
         last = t.epochs if stop_after is None else min(stop_after, t.epochs)
         try:
-            for epoch in range(p.epoch, last):
-                start = time.perf_counter()
-                stats = self.train_epoch(epoch)
-                self._prune(epoch + 1)
-                p.train_time_s += time.perf_counter() - start
-                p.epoch = epoch + 1
-                rec = self.epoch_record(epoch + 1, stats, time.perf_counter() - start)
-                p.log.append(rec)
-                self.log.epoch(p.log, p.epoch)
-                self.save_checkpoint()
+            with self.stops:
+                for epoch in range(p.epoch, last):
+                    self._epoch_t0 = time.perf_counter() - (p.epoch_time_s if p.batch else 0.0)
+                    stats = self.train_epoch(epoch)
+                    self._prune(epoch + 1)
+                    p.train_time_s += time.perf_counter() - self._epoch_t0
+                    p.epoch = epoch + 1
+                    rec = self.epoch_record(epoch + 1, stats, time.perf_counter() - self._epoch_t0)
+                    p.log.append(rec)
+                    self.log.epoch(p.log, p.epoch)
+                    self.save_checkpoint()
+        except RuntimeError as err:
+            if self.dist.active and not isinstance(err, TrainingDiverged) and is_comm_failure(err):
+                raise PeerLost(
+                    f"rank {self.dist.rank} of {self.dist.world_size}: lost contact with another process at epoch "
+                    f"{p.epoch + 1}, iteration {p.batch + 1} ({first_line(err)}); stopping. "
+                    f"{self._last_checkpoint()} Resume with: {self.resume_hint()}"
+                ) from None
+            raise
         finally:
             self.log.close()
         if p.epoch < t.epochs:
@@ -399,20 +558,18 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Export the deterministic network and write report.json / report.md (THEORY §5)."""
         from .report import build_report, write_report
+        from .syncbn import revert
 
+        revert(self.model)  # training is over: plain BatchNorm for the export
+        writer = self.dist.is_writer
         exports: dict[str, str] = {}
-        if self.cfg.export.enabled:
+        if self.cfg.export.enabled and writer:
             exports = export_run(self.model, self.out / self.cfg.export.dir, onnx=self.cfg.export.onnx)
         audit = self.audit.summary(self.model)
         if self.cfg.train.audit:
-            t = self.cfg.train
-            audit["end_of_run_prune"] = end_of_run_prune(
-                self.model, t.eps,
-                lambda m: evaluate(m, self.test_loader, self.device, amp_bf16=t.amp_bf16,
-                                   channels_last=t.channels_last),
-                self.meter.ratios,
-            )
-        audit["files"] = self.audit.write(self.out, audit)
+            audit["end_of_run_prune"] = end_of_run_prune(self.model, self.cfg.train.eps, self.evaluate,
+                                                         self.meter.ratios)
+        audit["files"] = self.audit.write(self.out, audit) if writer else {}
         report = build_report(
             config=self.cfg.to_dict(),
             log=self.progress.log,
@@ -424,8 +581,11 @@ class Trainer:
             out_dir=str(self.out),
             device=str(self.device),
             audit=audit,
+            processes=self.dist.world_size,
+            samples=self.progress.samples,
         )
-        write_report(self.out, report)
+        if writer:
+            write_report(self.out, report)
         return report
 
 
@@ -455,7 +615,9 @@ def export_run(model: GatedNetwork, out_dir: Path, *, onnx: bool = False) -> dic
 
 
 
-def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[RunConfig, GatedNetwork, dict[str, Any]]:
+def load_run(
+    run_dir: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[RunConfig, GatedNetwork, dict[str, Any]]:
     """The configuration, the model (compacted structure, trained state, eval mode) and the raw checkpoint.
 
     Works for every network — built-in, from a spec file or given in Python — as the checkpoint
@@ -470,7 +632,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[RunConfig, Ga
     model = network_from_checkpoint(ckpt, cfg)
     apply_structure(model, ckpt["structure"], cfg.train.eps)
     model.load_state_dict(ckpt["model"])
-    model.to(resolve_device(device))
+    model.to(device if isinstance(device, torch.device) else resolve_device(device))
     model.eval()
     return cfg, model, ckpt
 
@@ -480,14 +642,20 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) a training run to the end; returns the report (``report.json``'s content).
 
-    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).
+    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).  Under
+    ``torchrun`` every process calls this; the process group is joined and closed here.
 
     >>> report = train(load_config("experiments/configs/default.toml"), "runs/default")  # doctest: +SKIP
     >>> report["fPR"], report["test_accuracy"]                                    # doctest: +SKIP
     """
-    report = Trainer(cfg, out_dir, resume=resume, model=model).fit()
+    dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    try:
+        report = Trainer(cfg, out_dir, resume=resume, model=model, dist=dist).fit()
+    finally:
+        dist.close()
     assert report is not None
     return report
 
 
-__all__ = ["CONFIG_ECHO", "Progress", "Trainer", "TrainingDiverged", "export_run", "load_run", "train"]
+__all__ = ["CONFIG_ECHO", "Progress", "RunInterrupted", "Trainer", "TrainingDiverged", "export_run", "load_run",
+           "train"]
