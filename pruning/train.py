@@ -402,7 +402,8 @@ class Trainer:
             self._epoch_cum.zero_()
         sums, cum = self._epoch_sums, self._epoch_cum
         average = self.dist.average if self.dist.active else None
-        lr = lr_at(cfg, p.global_step, spe)
+        # the rate of the epoch's last step so far (a resume at the end of an epoch runs no step of it)
+        lr = lr_at(cfg, p.global_step - 1 if start else p.global_step, spe)
         bar = self.log.bar(spe, f"epoch {epoch + 1}/{t.epochs}")
         if bar is not None and start:
             bar.update(start)
