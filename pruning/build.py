@@ -2,25 +2,39 @@
 
 ``config -> data`` (:func:`load_data`: the dataset of ``[data]`` with its deterministic subsets) and
 ``config + data -> model`` (:func:`build_network`: ``[model]`` with the shape arguments the data
-determine, :func:`model_kwargs`).
+determine, :func:`model_kwargs`).  A configuration these cannot serve raises
+:class:`pruning.config.ConfigError` naming the field (``data.options``, ``model.kwargs``, ``model.arch``):
+option values a dataset rejects, architecture arguments that do not build, and an architecture whose
+input dimensions do not fit the data (:func:`check_fits`, checked on the ``meta`` device, no memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
-from .config import RunConfig
-from .data import DataSplits, InMemoryDataset, load_dataset
+from .config import ConfigError, RunConfig
+from .data import DatasetError, DataSplits, InMemoryDataset, load_dataset
 from .models import GatedNetwork, build_model
+
+#: Dimensions of one input (without the batch) each architecture takes; the others take any shape.
+ARCH_INPUT_DIMS = {"resnet1d": 2, "resnet20": 3, "resnet56": 3, "resnet110": 3, "resnet50": 3}
+_DIMS_WORDS = {1: "1-D inputs (features)", 2: "2-D inputs (channels, length)",
+               3: "3-D inputs (channels, height, width)"}
 
 
 def load_data(cfg: RunConfig) -> DataSplits:
     """``load_dataset`` plus the optional deterministic subsets (first ``k`` examples) of ``[data]``."""
     d = cfg.data
-    splits = load_dataset(d.name, d.root, **d.options)
+    try:
+        splits = load_dataset(d.name, d.root, **d.options)
+    except DatasetError:
+        raise
+    except (ValueError, TypeError) as exc:  # an option value the loader rejects
+        raise ConfigError([f"data.options: {exc} (dataset {d.name!r})"]) from None
     train, test = splits.train, splits.test
     if d.train_subset and d.train_subset < len(train):
         train = _first(train, d.train_subset)
@@ -52,7 +66,7 @@ def model_kwargs(cfg: RunConfig, input_shape: tuple[int, ...]) -> dict[str, Any]
         kw.setdefault("image_size", int(input_shape[-1]))
     for key in ("hidden", "stage_blocks", "widths"):
         if key in kw:
-            kw[key] = [int(v) for v in kw[key]]
+            kw[key] = list(kw[key])  # element types were validated (pruning.config): never truncated here
     return kw
 
 
@@ -61,15 +75,53 @@ def build_network(
 ) -> GatedNetwork:
     """``build_model`` from ``[model]`` (``device="meta"``: structure only, no memory)."""
     m = cfg.model
-    return build_model(
-        m.arch,
-        mode=m.mode,
-        num_classes=num_classes,
-        estimator=m.estimator,
-        theta_init=m.theta_init,
-        device=device,
-        **model_kwargs(cfg, input_shape),
-    )
+    try:
+        return build_model(
+            m.arch,
+            mode=m.mode,
+            num_classes=num_classes,
+            estimator=m.estimator,
+            theta_init=m.theta_init,
+            device=device,
+            **model_kwargs(cfg, input_shape),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"model.kwargs: {exc} (arch {m.arch!r})"]) from None
 
 
-__all__ = ["build_network", "load_data", "model_kwargs"]
+def check_fits(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    """Raise :class:`ConfigError` unless the configured network takes inputs of ``input_shape``.
+
+    First the number of input dimensions (:data:`ARCH_INPUT_DIMS`), then one forward pass of a batch of
+    two on the ``meta`` device (shapes only, no memory, no computation) for every other mismatch.
+    """
+    arch, shape = cfg.model.arch, tuple(int(s) for s in input_shape)
+    where = f"data.name = {cfg.data.name!r} gives inputs of shape {shape}"
+    want = ARCH_INPUT_DIMS.get(arch)
+    if want is not None and len(shape) != want:
+        fits = sorted(a for a, n in ARCH_INPUT_DIMS.items() if n == len(shape)) + ["residual_mlp"]
+        raise ConfigError([f"model.arch: {arch!r} takes {_DIMS_WORDS[want]}, but {where}; choose an architecture "
+                           f"for {len(shape)}-D inputs ({', '.join(fits)}) or another dataset "
+                           f"(or data.options.flatten where the dataset has it)"])
+    given = cfg.model.kwargs
+    derived = model_kwargs(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs={})), shape)
+    wrong = [f"model.kwargs.{k} = {given[k]!r}, but {where} ({k} {derived[k]}); leave it out to take it from the data"
+             for k in ("in_channels", "length", "image_size", "in_features")
+             if k in given and k in derived and given[k] != derived[k]]
+    if wrong:
+        raise ConfigError(wrong)
+    model = build_network(cfg, num_classes, shape, device="meta")
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.empty(2, *shape, device="meta"))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([f"model.arch/model.kwargs: the network ({arch}, {dict(cfg.model.kwargs)}) does not take "
+                           f"the data's inputs: {where} ({first[:200]})"]) from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError([f"model.arch: the network's output has shape {tuple(out.shape)[1:]}, expected "
+                           f"({num_classes},) for the {num_classes} classes of {cfg.data.name!r}"])
+
+
+__all__ = ["ARCH_INPUT_DIMS", "build_network", "check_fits", "load_data", "model_kwargs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,21 +58,25 @@ def _default_out(args: argparse.Namespace, cfg_out: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Algorithm 1 (``pruning.train``); a bad configuration exits with 2 before anything is written."""
+    """Algorithm 1 (``pruning.train``) in a locked run folder (``pruning.rundir``).
+
+    Exit 2 — nothing written — for a bad configuration, a refused run folder (not a run, in use,
+    already holding a run) or a damaged checkpoint; exit 1 when training diverges.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
     from .config import ConfigError, load_config
+    from .rundir import RunDirError, RunSession
 
     base = None
     if args.resume and not args.config:
         if not args.out:
             print("error: --resume without --config needs --out DIR (the run to continue)", file=sys.stderr)
             return 2
-        import torch
-
-        ckpt_path = Path(args.out) / "checkpoint.pt"
-        if not ckpt_path.is_file():
-            print(f"error: --resume: no checkpoint {ckpt_path}", file=sys.stderr)
+        try:
+            base = load_checkpoint(Path(args.out))["config"]
+        except CheckpointError as exc:
+            print(f"error: --resume: {exc}", file=sys.stderr)
             return 2
-        base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
     overrides = list(args.set or ()) + (["train.audit=true"] if args.audit else [])
     try:
         cfg = load_config(args.config, overrides, base=base)
@@ -79,42 +84,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = _default_out(args, cfg.train.out_dir)
-    if not args.resume and (out / "checkpoint.pt").exists():
-        print(f"error: {out} already holds a run (checkpoint.pt); use --resume to continue it or another --out",
-              file=sys.stderr)
-        return 2
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        print(f"error: --resume: no checkpoint {out / 'checkpoint.pt'}", file=sys.stderr)
-        return 2
 
     from .train import Trainer, TrainingDiverged
 
+    argv = ["python", "-m", "pruning", *getattr(args, "argv", [])]  # the command line, for provenance.json
     try:
-        trainer = Trainer(cfg, out, resume=args.resume)
-    except ValueError as exc:  # configuration mismatch on resume, model/data problems
+        with RunSession(out, resume=args.resume, overwrite=args.overwrite, argv=argv) as session:
+            try:
+                trainer = Trainer(cfg, out, resume=args.resume)
+            except ValueError as exc:  # configuration mismatch on resume, model/data problems, damaged checkpoint
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            session.start(device=trainer.device, export_dirs=[cfg.export.dir])
+            try:
+                report = trainer.fit()
+            except TrainingDiverged as exc:
+                print(f"error: training diverged: {exc}", file=sys.stderr)
+                session.finish("diverged")
+                return 1
+            assert report is not None
+            print(
+                f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
+                f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
+                f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s "
+                f"-> {out}"
+            )
+            if report.get("audit"):
+                from .report import audit_lines
+
+                print("\n".join(audit_lines(report["audit"])))
+    except (RunDirError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        report = trainer.fit()
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
-        return 1
-    assert report is not None
-    print(
-        f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
-        f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
-        f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s -> {out}"
-    )
-    if report.get("audit"):
-        from .report import audit_lines
-
-        print("\n".join(audit_lines(report["audit"])))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Mean-field accuracy and deterministic FLOPs/parameters of a run's latest checkpoint."""
     from .build import build_network, load_data
+    from .checkpoint import CheckpointError
     from .data import make_loader
     from .evaluation import evaluate
     from .objective import CostMeter
@@ -123,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         cfg, model, ckpt = load_run(args.run, device=args.device)
-    except FileNotFoundError as exc:
+    except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data = load_data(cfg)
@@ -131,6 +139,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device)
     loss, acc = evaluate(model, loader, device)
+    if not math.isfinite(loss):
+        print(f"error: {args.run}: the {args.split} loss of the checkpoint's network is not finite ({loss}); "
+              "its outputs overflow", file=sys.stderr)
+        return 1
     spec = model.spec()
     baseline = build_network(cfg, data.num_classes, tuple(data.input_shape), device="meta").spec()
     meter = CostMeter(baseline)
@@ -152,11 +164,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """The deterministic network of a run (θ folded into the weights), written by ``pruning.export``."""
+    from .checkpoint import CheckpointError
     from .train import export_run, load_run
 
     try:
         cfg, model, _ = load_run(args.run)
-    except FileNotFoundError as exc:
+    except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
@@ -178,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a configuration value, e.g. --set objective.gamma=0.5 (repeatable)")
     p.add_argument("--out", help="run directory (default: train.out_dir or runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run in --out over (removes that run's files; refuses a folder that is not a run)")
     p.add_argument("--audit", action="store_true",
                    help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
                         "reports how many recover (premature-pruning rate) and how many were certified")
@@ -203,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command line, for provenance.json
     return int(args.func(args))
 
 

@@ -51,31 +51,35 @@ import torch
 from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
-from .build import build_network, load_data
+from .build import build_network, check_fits, load_data
 from .checkpoint import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
-    apply_structure,
+    CheckpointError,
     check_resume_config,
     load_checkpoint,
+    restore_model,
     save_checkpoint,
     structure_of,
 )
 from .config import RunConfig, from_dict, to_toml
 from .data import make_loader
 from .evaluation import evaluate, theta_stats
+from .guard import FiniteGuard, NonFiniteState, NonFiniteUpdate, require_finite
 from .models import GatedNetwork
 from .objective import CostMeter, Objective
 from .optim import lr_at, make_optimizers
+from .rundir import CONFIG_ECHO, RunSession
 from .runlog import RunLog
 from .runtime import capture_rng, resolve_device, restore_rng, seed_everything, to_device
 from .step import NonFiniteObjective, algorithm1_step
 
-CONFIG_ECHO = "config.toml"
-
 
 class TrainingDiverged(RuntimeError):
-    """The objective became NaN/Inf; the message names the epoch and iteration; the last checkpoint is kept."""
+    """The objective, the weights/θ or the test loss became NaN/Inf; the message names the epoch and iteration.
+
+    The last good checkpoint is kept; nothing non-finite is written (:mod:`pruning.guard`).
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,13 +128,12 @@ class Trainer:
             torch.set_num_threads(t.threads)
         ckpt: dict[str, Any] | None = None
         if resume:
-            if not (self.out / CHECKPOINT).is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint {self.out / CHECKPOINT}")
-            ckpt = load_checkpoint(self.out)
+            ckpt = load_checkpoint(self.out / CHECKPOINT)  # CheckpointError: missing, damaged or foreign
             check_resume_config(from_dict(ckpt["config"]), cfg)
         seed_everything(t.seed)
         self.data = load_data(cfg)
         self.N = len(self.data.train)
+        check_fits(cfg, self.data.num_classes, tuple(self.data.input_shape))  # ConfigError naming the field
         self.model = build_network(cfg, self.data.num_classes, tuple(self.data.input_shape))
         self.baseline_spec = self.model.spec()
         o = cfg.objective
@@ -140,22 +143,26 @@ class Trainer:
         )
         self.meter = CostMeter(self.baseline_spec)
         self.progress = Progress()
+        self.guard = FiniteGuard()  # no NaN/Inf weight, θ or BN statistic passes a step (pruning.guard)
         # pruning audit (pruning.audit): records of what the ε-rule selects; with train.audit, flag, do not remove
         self.audit = PruningAudit(self.objective, eps=t.eps, estimator=cfg.model.estimator, window=t.audit_window,
                                   every=t.audit_every, counterfactual=t.audit)
         if ckpt is not None:
-            apply_structure(self.model, ckpt["structure"], t.eps)
-            self.model.load_state_dict(ckpt["model"])
+            restore_model(self.model, ckpt, t.eps, self.out)
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.opt_w, self.opt_t = make_optimizers(cfg, self.model.weight_parameters(), self.model.gate_parameters())
         if ckpt is not None:
-            self._load_optimizers(ckpt)
-            self.progress = Progress(**ckpt["progress"])
-            if ckpt.get("audit") is not None:
-                self.audit.load_state_dict(ckpt["audit"], self.device)
-            restore_rng(ckpt["rng"])
+            try:
+                self._load_optimizers(ckpt)
+                self.progress = Progress(**ckpt["progress"])
+                if ckpt.get("audit") is not None:
+                    self.audit.load_state_dict(ckpt["audit"], self.device)
+                restore_rng(ckpt["rng"])
+            except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"{self.out / CHECKPOINT}: the checkpoint's optimiser, progress or RNG "
+                                      f"state does not fit ({type(exc).__name__}: {str(exc)[:200]})") from None
         self.loader = make_loader(
             self.data.train, t.batch_size, train=True, seed=t.seed, num_workers=cfg.data.num_workers,
             device=self.device,
@@ -214,6 +221,15 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.out / CHECKPOINT, self.checkpoint_dict())
 
+    def _diverged(self, what: str, epoch: int, iteration: int, spe: int, step: int) -> TrainingDiverged:
+        """The error that stops a run: what went non-finite, where, and which checkpoint is kept."""
+        p = self.progress
+        kept = (f"The last good checkpoint ({self.out / CHECKPOINT}, after epoch {p.epoch}) is kept."
+                if p.epoch > 0 else "No checkpoint was written yet (the first epoch did not finish).")
+        return TrainingDiverged(
+            f"{what} at epoch {epoch}, iteration {iteration}/{spe} (global step {step}); stopping. {kept}"
+        )
+
     # -- one epoch ----------------------------------------------------------------------------
     def _prune(self, epoch: int) -> bool:
         from .compaction import prune
@@ -258,16 +274,12 @@ class Trainer:
                     terms, out = algorithm1_step(
                         model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
                         before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
+                        guard=self.guard, where=(epoch + 1, i + 1, spe, p.global_step + 1),
                     )
                 except NonFiniteObjective as err:
                     j, d, c = (float(v.detach()) for v in (err.terms.total, err.terms.data, err.terms.complexity))
-                    raise TrainingDiverged(
-                        f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g}) "
-                        f"at epoch {epoch + 1}, iteration {i + 1}/{spe} "
-                        f"(global step {p.global_step + 1}); stopping. "
-                        + (f"The last good checkpoint ({self.out / CHECKPOINT}, after epoch {p.epoch}) is kept."
-                           if p.epoch > 0 else "No checkpoint was written yet (the first epoch did not finish).")
-                    ) from None
+                    raise self._diverged(f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g})",
+                                         epoch + 1, i + 1, spe, p.global_step + 1) from None
                 if t.audit:
                     self.audit.track(model)
                 b = int(y.shape[0])
@@ -282,6 +294,7 @@ class Trainer:
                     ])
                 p.global_step += 1
                 if p.global_step % t.prune_every == 0:
+                    self.guard.settle()  # nothing non-finite is pruned
                     self._prune(epoch + 1)
                 if bar is not None:
                     bar.update(1)
@@ -291,6 +304,13 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_now:.3f}", layers=self.spec.depth, lr=f"{lr:.3g}")
                     self.log.iteration(p.global_step, {"train_loss": loss_now, "J": float(terms.total.detach()),
                                                        "lr": lr})
+            self.guard.settle()
+        except NonFiniteUpdate as err:
+            e, it, n, step = err.where
+            raise self._diverged(
+                f"non-finite weights, θ or BatchNorm statistics after the update (first: {err.name}; "
+                f"optim.weights.lr = {cfg.optim.weights.lr:g} may be too large)", e, it, n, step,
+            ) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -359,9 +379,21 @@ class Trainer:
                 p.train_time_s += time.perf_counter() - start
                 p.epoch = epoch + 1
                 rec = self.epoch_record(epoch + 1, stats, time.perf_counter() - start)
+                end = (epoch + 1, len(self.loader), len(self.loader), p.global_step)  # where a failure is reported
                 p.log.append(rec)
+                failure = None
+                if not math.isfinite(rec["test_loss"]):
+                    failure = (f"non-finite test loss ({rec['test_loss']}; the mean-field network's outputs overflow) "
+                               "in the evaluation that ends the epoch")
+                else:
+                    try:
+                        self.save_checkpoint()  # refuses NaN/Inf tensors (the last barrier; the guard settled above)
+                    except NonFiniteState as err:
+                        failure = f"non-finite state at the epoch's end ({err})"
+                if failure is not None:
+                    p.epoch, p.log = epoch, p.log[:-1]  # this epoch did not complete: no checkpoint, no report
+                    raise self._diverged(failure, *end)
                 self.log.epoch(p.log, p.epoch)
-                self.save_checkpoint()
         finally:
             self.log.close()
         if p.epoch < t.epochs:
@@ -405,6 +437,7 @@ def export_run(model: GatedNetwork, out_dir: Path) -> dict[str, str]:
     """``export_deterministic`` + ``save_export``; returns the written paths by kind."""
     from .export import export_deterministic, save_export
 
+    require_finite(model, "an export")
     written = save_export(export_deterministic(model), out_dir)
     return {str(k): str(v) for k, v in written.items()}
 
@@ -412,20 +445,28 @@ def export_run(model: GatedNetwork, out_dir: Path) -> dict[str, str]:
 
 def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[RunConfig, GatedNetwork, dict[str, Any]]:
     """The configuration, the model (compacted structure, trained state) and the raw checkpoint of a run."""
-    ckpt = load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir)  # CheckpointError: missing, damaged or foreign
     cfg = from_dict(ckpt["config"])
     seed_everything(cfg.train.seed)
-    model = build_network(cfg, int(ckpt["data"]["num_classes"]), tuple(ckpt["data"]["input_shape"]))
-    apply_structure(model, ckpt["structure"], cfg.train.eps)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_network(cfg, int(ckpt["data"]["num_classes"]), tuple(ckpt["data"]["input_shape"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir}: the checkpoint's data record does not build its network ({exc})") from None
+    restore_model(model, ckpt, cfg.train.eps, run_dir)
     model.to(resolve_device(device))
     model.eval()
     return cfg, model, ckpt
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run to the end; returns the report."""
-    report = Trainer(cfg, out_dir, resume=resume).fit()
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume, or start over) a training run to the end in its locked folder; returns the report.
+
+    The folder rules of :class:`pruning.rundir.RunSession` apply (:class:`pruning.rundir.RunDirError`).
+    """
+    with RunSession(out_dir, resume=resume, overwrite=overwrite) as session:
+        trainer = Trainer(cfg, out_dir, resume=resume)
+        session.start(device=trainer.device, export_dirs=[cfg.export.dir])
+        report = trainer.fit()
     assert report is not None
     return report
 
