@@ -125,6 +125,20 @@ def _read_provenance(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("toolkit") == TOOLKIT else None
 
 
+_LAST_LOADED: list[tuple[tuple[str, int, int, int], dict[str, Any]]] = []
+
+
+def _load_once(path: Path) -> dict[str, Any]:
+    """:func:`load_checkpoint`, reusing the last result while the file is unchanged (same inode, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if _LAST_LOADED and _LAST_LOADED[0][0] == key:
+        return _LAST_LOADED[0][1]
+    ckpt = load_checkpoint(path)
+    _LAST_LOADED[:] = [(key, ckpt)]
+    return ckpt
+
+
 def inspect_folder(path: str | Path) -> FolderState:
     """Classify ``path`` (read only; a checkpoint found is loaded and validated)."""
     path = Path(path)
@@ -140,7 +154,7 @@ def inspect_folder(path: str | Path) -> FolderState:
     why = ""
     if (path / CHECKPOINT).exists():
         try:
-            ckpt = load_checkpoint(path / CHECKPOINT)
+            ckpt = _load_once(path / CHECKPOINT)
         except CheckpointError as exc:
             why = str(exc)
     if _read_provenance(path) is not None or ckpt is not None:

@@ -118,6 +118,18 @@ def test_a_non_finite_test_loss_stops_the_run(tmp_path: Path, monkeypatch: pytes
     assert not (tmp_path / REPORT_JSON).exists()
 
 
+def test_evaluate_reports_a_non_finite_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import pruning.evaluation
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(_bn_config(tmp_path, 32, 1)), "--out", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(pruning.evaluation, "evaluate", lambda *a, **k: (math.inf, 0.1))
+    assert main(["evaluate", "--run", str(run)]) == 1
+    assert "loss of the checkpoint's network is not finite (inf)" in capsys.readouterr().err
+
+
 # -- the parts ------------------------------------------------------------------------------------------
 
 
