@@ -14,6 +14,10 @@ Adam + Π_H on ``Θ``) on a fixed mini-batch, interleaved (see ``_timing.py``):
 * ``old-draw`` — ``j-only`` with the gate draw as it was (``θ`` clamped, no NaN → 0 mapping), to
   show what making the draw safe costs.
 
+Because the differences are a few per cent of a step, the script also times the one added operation on
+its own, interleaved with ``j-only`` steps: ``state check`` = ``bool(finite_flag(state_tensors(model)))``,
+reported as a fraction of a step (``every-step`` pays it on every step, ``trainer`` once per 10).
+
 Printed: step-time ratios against ``j-only`` (paired median and quartiles, wall and CPU time), for a
 tiny residual MLP (the worst case: the least compute per parameter), ResNet-1D on MNIST-1D shapes
 (the embedded default) and ResNet-20 at 32×32.  ``python benchmarks/bench_guard.py --help``.
@@ -35,7 +39,7 @@ import _timing as T  # noqa: E402
 
 import pruning.gates as gates_mod  # noqa: E402
 from pruning.config import RunConfig  # noqa: E402
-from pruning.guard import FiniteGuard, finite_flag  # noqa: E402
+from pruning.guard import FiniteGuard, finite_flag, state_tensors  # noqa: E402
 from pruning.models import build_model  # noqa: E402
 from pruning.objective import Objective  # noqa: E402
 from pruning.optim import make_optimizers  # noqa: E402
@@ -121,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for v in VARIANTS[1:]:
             rows[v] = {"wall": T.ratio_stats(t.wall[v], base_wall), "cpu": T.ratio_stats(t.cpu[v], base_cpu)}
-        rec = {"step_ms_j_only": T.median(base_wall) * 1e3, "ratios": rows,
-               "verdict": T.verdict(rows["trainer"]["cpu"]["paired_median"], TARGET, "<=")}
+        model = steps["j-only"].model
+        parts = T.interleaved({"step": steps["j-only"], "check": lambda m=model: bool(finite_flag(state_tensors(m)))},
+                              repeats=args.repeats, warmup=args.warmup, inner=args.inner, device=device)
+        check = {"wall": T.ratio_stats(parts.wall["check"], parts.wall["step"]),
+                 "cpu": T.ratio_stats(parts.cpu["check"], parts.cpu["step"]),
+                 "ms": T.median(parts.wall["check"]) * 1e3}
+        per_step = check["cpu"]["paired_median"] / SETTLE_EVERY
+        rec = {"step_ms_j_only": T.median(base_wall) * 1e3, "ratios": rows, "state_check": check,
+               "trainer_added_fraction": per_step, "verdict": T.verdict(1.0 + per_step, TARGET, "<=")}
         record["archs"][name] = rec
         if not args.json:
             print(f"\n{name} (batch {arch['batch']}): j-only step {T.fmt_ms(T.median(base_wall))}")
@@ -130,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 w, c = r["wall"], r["cpu"]
                 print(f"  {v:<12} wall {w['paired_median']:.3f} [{w['paired_q1']:.3f}, {w['paired_q3']:.3f}]   "
                       f"cpu {c['paired_median']:.3f} [{c['paired_q1']:.3f}, {c['paired_q3']:.3f}]")
-            print(f"  trainer / j-only (CPU time) {rows['trainer']['cpu']['paired_median']:.3f} "
+            c = check["cpu"]
+            print(f"  state check  {check['ms']:.2f} ms = {c['paired_median']:.4f} [{c['paired_q1']:.4f}, "
+                  f"{c['paired_q3']:.4f}] of a step (CPU time)")
+            print(f"  trainer: 1 + check/{SETTLE_EVERY} = {1.0 + per_step:.4f} of a j-only step "
                   f"[target <= {TARGET}: {rec['verdict']}]")
     if args.json:
         T.dump_json(record)

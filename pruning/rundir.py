@@ -542,13 +542,13 @@ class RunSession:
         self.state: FolderState | None = None
         self.started = False
         self.removed: list[Path] = []
-        self._created = False
+        self._created: list[Path] = []  # folders this session created (leaf first)
         self._tee: TeeLog | None = None
         self.status = ""
 
     def __enter__(self) -> RunSession:
         check_folder(self.out, resume=self.resume, overwrite=self.overwrite)  # read only
-        self._created = not self.out.exists()
+        self._created = [p for p in [self.out, *self.out.parents] if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         try:
             self.lock.acquire()
@@ -573,12 +573,15 @@ class RunSession:
         self.started = True
 
     def _remove_if_created(self) -> None:
-        if self._created and not self.started:
-            with contextlib.suppress(OSError):
-                for p in self.out.iterdir():
-                    if _is_ignorable(p.name):
-                        p.unlink()
-                self.out.rmdir()
+        """Before :meth:`start`: remove the folders this session created (they hold at most a released lock)."""
+        if not self._created or self.started:
+            return
+        with contextlib.suppress(OSError):
+            for p in self.out.iterdir():
+                if _is_ignorable(p.name):
+                    p.unlink()
+            for folder in self._created:
+                folder.rmdir()
 
     def finish(self, status: str) -> None:
         """The outcome recorded in ``provenance.json`` (default: ``completed``, or from the exception leaving)."""

@@ -35,7 +35,12 @@ The trainer is assembled from parts with one job each, imported here:
 * :mod:`pruning.checkpoint` — checkpoint contents, atomic save, safe load, structure replay;
 * :mod:`pruning.evaluation` — the mean-field evaluation;
 * :mod:`pruning.runlog` — ``log.csv``, TensorBoard and the console;
-* :mod:`pruning.runtime` — devices, seeds, RNG state, autocast.
+* :mod:`pruning.runtime` — devices, seeds, RNG state, autocast;
+* :mod:`pruning.guard` — no NaN/Inf objective, weight, ``θ`` or BN statistic passes a step, nothing
+  non-finite is checkpointed or exported (:class:`TrainingDiverged` names epoch and iteration);
+* :mod:`pruning.rundir` — the run folder: checks, lock, orphaned temporary files, ``--overwrite``,
+  ``provenance.json`` and ``train.log`` (:func:`train` and the command line open a
+  :class:`~pruning.rundir.RunSession`; a bare :class:`Trainer` does not).
 """
 
 from __future__ import annotations

@@ -16,12 +16,12 @@ TINY = ["--set", "data.name=digits", "--set", "data.train_subset=64", "--set", "
 
 
 def _refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"
     code = main(["train", "--out", str(out), *args])
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    assert not out.exists(), "a refused configuration wrote something"
+    assert not out.exists() and not out.parent.exists(), "a refused configuration wrote something"
     return err
 
 
