@@ -101,8 +101,7 @@ def check_fits(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -
     if want is not None and len(shape) != want:
         fits = sorted(a for a, n in ARCH_INPUT_DIMS.items() if n == len(shape)) + ["residual_mlp"]
         raise ConfigError([f"model.arch: {arch!r} takes {_DIMS_WORDS[want]}, but {where}; choose an architecture "
-                           f"for {len(shape)}-D inputs ({', '.join(fits)}) or another dataset "
-                           f"(or data.options.flatten where the dataset has it)"])
+                           f"for {len(shape)}-D inputs ({', '.join(fits)}) or another dataset"])
     given = cfg.model.kwargs
     derived = model_kwargs(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs={})), shape)
     wrong = [f"model.kwargs.{k} = {given[k]!r}, but {where} ({k} {derived[k]}); leave it out to take it from the data"

@@ -388,8 +388,8 @@ class Trainer:
                 p.log.append(rec)
                 failure = None
                 if not math.isfinite(rec["test_loss"]):
-                    failure = (f"non-finite test loss ({rec['test_loss']}; the mean-field network's outputs overflow) "
-                               "in the evaluation that ends the epoch")
+                    failure = (f"non-finite test loss ({rec['test_loss']}: the mean-field network's outputs overflow) "
+                               "in the end-of-epoch evaluation")
                 else:
                     try:
                         self.save_checkpoint()  # refuses NaN/Inf tensors (the last barrier; the guard settled above)
