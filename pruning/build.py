@@ -2,11 +2,17 @@
 
 ``config -> data`` (:func:`load_data`: the dataset of ``[data]`` with its deterministic subsets) and
 ``config + data -> model`` (:func:`build_network`: ``[model]`` with the shape arguments the data
-determine, :func:`model_kwargs`; ``arch = "spec"``: the network of a spec file).
+determine, :func:`model_kwargs`; ``arch = "spec"``: the network of a spec file).  A configuration these
+cannot serve raises :class:`pruning.config.ConfigError` naming the field (``data.options``,
+``model.kwargs``, ``model.arch``): option values a dataset rejects, architecture arguments that do not
+build, and an architecture whose input dimensions do not fit the data (:func:`check_fits`, checked on
+the ``meta`` device, no memory).  A network given in Python is checked against the data by
+:func:`check_network_fits`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from typing import Any
@@ -15,15 +21,26 @@ import torch
 
 from theory.spec import NetworkSpec, load_spec
 
-from .config import RunConfig
-from .data import DataSplits, InMemoryDataset, load_dataset
+from .config import ConfigError, RunConfig
+from .data import DatasetError, DataSplits, InMemoryDataset, load_dataset
 from .models import IMAGENET_ARCHS, GatedNetwork, build_model, from_spec
+
+#: Dimensions of one input (without the batch) each architecture takes; the others take any shape.
+ARCH_INPUT_DIMS = {"resnet1d": 2, "resnet20": 3, "resnet56": 3, "resnet110": 3, "wrn": 3,
+                   **{arch: 3 for arch in IMAGENET_ARCHS}}
+_DIMS_WORDS = {1: "1-D inputs (features)", 2: "2-D inputs (channels, length)",
+               3: "3-D inputs (channels, height, width)"}
 
 
 def load_data(cfg: RunConfig) -> DataSplits:
     """``load_dataset`` plus the optional deterministic subsets (first ``k`` examples) of ``[data]``."""
     d = cfg.data
-    splits = load_dataset(d.name, d.root, **d.options)
+    try:
+        splits = load_dataset(d.name, d.root, **d.options)
+    except DatasetError:
+        raise
+    except (ValueError, TypeError) as exc:  # an option value the loader rejects
+        raise ConfigError([f"data.options: {exc} (dataset {d.name!r})"]) from None
     train, test = splits.train, splits.test
     if d.train_subset and d.train_subset < len(train):
         train = _first(train, d.train_subset)
@@ -56,7 +73,7 @@ def model_kwargs(cfg: RunConfig, input_shape: tuple[int, ...]) -> dict[str, Any]
         kw.setdefault("image_size", int(input_shape[-1]))
     for key in ("hidden", "stage_blocks", "widths"):
         if key in kw:
-            kw[key] = [int(v) for v in kw[key]]
+            kw[key] = list(kw[key])  # element types were validated (pruning.config): never truncated here
     return kw
 
 
@@ -77,22 +94,25 @@ def build_network(
             spec = load_spec(m.spec)
         except ValueError as exc:
             raise ValueError(f"model.spec: {exc}") from None
-        check_fits(spec, num_classes, input_shape, f"model.spec ({m.spec})")
+        check_network_fits(spec, num_classes, input_shape, f"model.spec ({m.spec})")
         with torch.device(device) if device is not None else nullcontext():
             return from_spec(spec, mode=m.mode, estimator=m.estimator, theta_init=m.theta_init,
                              activation=str(m.kwargs.get("activation", "relu")))
-    return build_model(
-        m.arch,
-        mode=m.mode,
-        num_classes=num_classes,
-        estimator=m.estimator,
-        theta_init=m.theta_init,
-        device=device,
-        **model_kwargs(cfg, input_shape),
-    )
+    try:
+        return build_model(
+            m.arch,
+            mode=m.mode,
+            num_classes=num_classes,
+            estimator=m.estimator,
+            theta_init=m.theta_init,
+            device=device,
+            **model_kwargs(cfg, input_shape),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"model.kwargs: {exc} (arch {m.arch!r})"]) from None
 
 
-def check_fits(spec: NetworkSpec, num_classes: int, input_shape: tuple[int, ...], what: str) -> None:
+def check_network_fits(spec: NetworkSpec, num_classes: int, input_shape: tuple[int, ...], what: str) -> None:
     """``ValueError`` naming ``what`` unless the network's classes and input shape are the data's."""
     if spec.num_classes != num_classes:
         raise ValueError(f"{what}: the network has {spec.num_classes} classes, the data {num_classes}")
@@ -101,4 +121,43 @@ def check_fits(spec: NetworkSpec, num_classes: int, input_shape: tuple[int, ...]
                          f"{tuple(input_shape)}")
 
 
-__all__ = ["build_network", "check_fits", "load_data", "model_kwargs"]
+def check_fits(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    """Raise :class:`ConfigError` unless the configured network takes inputs of ``input_shape``.
+
+    First the number of input dimensions (:data:`ARCH_INPUT_DIMS`), then one forward pass of a batch of
+    two on the ``meta`` device (shapes only, no memory, no computation) for every other mismatch.
+    """
+    arch, shape = cfg.model.arch, tuple(int(s) for s in input_shape)
+    where = f"data.name = {cfg.data.name!r} gives inputs of shape {shape}"
+    want = ARCH_INPUT_DIMS.get(arch)
+    if want is not None and len(shape) != want:
+        fits = sorted(a for a, n in ARCH_INPUT_DIMS.items() if n == len(shape)) + ["residual_mlp"]
+        raise ConfigError([f"model.arch: {arch!r} takes {_DIMS_WORDS[want]}, but {where}; choose an architecture "
+                           f"for {len(shape)}-D inputs ({', '.join(fits)}) or another dataset"])
+    given = cfg.model.kwargs
+    derived = model_kwargs(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs={})), shape)
+    wrong = [f"model.kwargs.{k} = {given[k]!r}, but {where} ({k} {derived[k]}); leave it out to take it from the data"
+             for k in ("in_channels", "length", "image_size", "in_features")
+             if k in given and k in derived and given[k] != derived[k]]
+    if wrong:
+        raise ConfigError(wrong)
+    try:
+        model = build_network(cfg, num_classes, shape, device="meta")
+    except ValueError as exc:  # a spec file that does not fit the data (ConfigError is a ValueError: kept)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError([str(exc)]) from None
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.empty(2, *shape, device="meta"))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([f"model.arch/model.kwargs: the network ({arch}, {dict(cfg.model.kwargs)}) does not take "
+                           f"the data's inputs: {where} ({first[:200]})"]) from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError([f"model.arch: the network's output has shape {tuple(out.shape)[1:]}, expected "
+                           f"({num_classes},) for the {num_classes} classes of {cfg.data.name!r}"])
+
+
+__all__ = ["ARCH_INPUT_DIMS", "build_network", "check_fits", "check_network_fits", "load_data", "model_kwargs"]

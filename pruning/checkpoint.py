@@ -8,11 +8,20 @@ so that any network — built-in, from a spec file or converted from the user's 
 rebuilt from the checkpoint alone (:func:`network_from_checkpoint`) and brought to the recorded
 structure by the pruning rule itself (:func:`apply_structure`): ``resume``, ``evaluate`` and
 ``export`` need nothing but the checkpoint.
+
+Every reader goes through :func:`load_checkpoint` (``train --resume``, ``evaluate``, ``export``,
+:func:`pruning.train.load_run`): ``weights_only`` (a checkpoint never runs code), and a missing,
+damaged or foreign file raises :class:`CheckpointError` naming the file and what is wrong with it.
+:func:`save_checkpoint` refuses a state with NaN/Inf tensors (:mod:`pruning.guard`).
 """
 
 from __future__ import annotations
 
 import io
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,11 +31,24 @@ import torch
 from theory.atomic import atomic_write
 from theory.spec import NetworkSpec
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig, from_dict
+from .guard import first_nonfinite, require_finite
 from .models import GatedNetwork, from_spec
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+#: Keys every checkpoint of this toolkit holds (later versions may add keys, never remove these).
+REQUIRED_KEYS = ("version", "config", "model", "structure", "optim_w", "param_names", "progress", "rng", "data")
+#: Parts of a checkpoint that must hold finite tensors only.
+FINITE_KEYS = ("model", "optim_w", "optim_theta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged, or not a checkpoint of this toolkit (names the file)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint file where one was expected."""
 
 
 def structure_of(model: GatedNetwork) -> dict[str, Any]:
@@ -105,20 +127,97 @@ def baseline_spec_of(ckpt: dict[str, Any], cfg: RunConfig) -> NetworkSpec:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """``torch.save(state)`` to ``path`` atomically (a reader sees the old file or the new one, never a mix)."""
+    """``torch.save(state)`` to ``path`` atomically (a reader sees the old file or the new one, never a mix).
+
+    Raises :class:`pruning.guard.NonFiniteState` (and leaves ``path`` untouched) if the model or an
+    optimiser state holds a NaN/Inf tensor.
+    """
     path = Path(path)
+    require_finite({k: state.get(k) for k in FINITE_KEYS}, f"the checkpoint {path}")
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=True)
     return path
 
 
-def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint of the run in ``run_dir`` (``weights_only``: a checkpoint never runs code)."""
-    path = Path(run_dir) / CHECKPOINT
+def checkpoint_path(where: str | Path) -> Path:
+    """The checkpoint file of a run folder (``where`` itself when it is not a folder)."""
+    where = Path(where)
+    return where / CHECKPOINT if where.is_dir() else where
+
+
+def load_checkpoint(where: str | Path) -> dict[str, Any]:
+    """The validated checkpoint of the run folder (or checkpoint file) ``where``; the one reader of checkpoints.
+
+    ``weights_only``: a checkpoint never runs code.  Raises :class:`CheckpointError` naming the file
+    when it is missing (:class:`CheckpointNotFoundError`), empty, truncated or overwritten, not a
+    checkpoint of this toolkit (another pickle, missing keys, a newer version), holds an invalid
+    configuration or NaN/Inf weights.
+    """
+    path = checkpoint_path(where)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"no checkpoint {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: not a file (a checkpoint is one file written by `python -m pruning train`)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the checkpoint is damaged (an empty file)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols of foreign files
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(_load_failure(path, size, exc)) from None
+    _validate(path, ckpt)
+    return ckpt
+
+
+def _load_failure(path: Path, size: int, exc: BaseException) -> str:
+    """Why ``torch.load`` failed, in words that fit a damaged or foreign file (never: retry unsafely)."""
+    if not zipfile.is_zipfile(path):
+        return (f"{path}: damaged or not a checkpoint of this toolkit (not a readable torch archive: "
+                f"truncated, overwritten or another kind of file; {size} bytes)")
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"{path}: not a checkpoint of this toolkit, or damaged: it holds objects a checkpoint never "
+                "contains (it was not loaded, and none of its code ran)")
+    return f"{path}: the checkpoint is damaged (the torch archive could not be read: {type(exc).__name__})"
+
+
+def _validate(path: Path, ckpt: Any) -> None:
+    """Structure, version, configuration and finiteness of a loaded checkpoint."""
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: not a checkpoint of this toolkit (it holds a {type(ckpt).__name__}, "
+                              f"not a dict with the keys {', '.join(REQUIRED_KEYS)})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this toolkit (missing keys: {', '.join(missing)})")
+    version = ckpt["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} is not one this toolkit reads "
+                              f"(1..{CHECKPOINT_VERSION}); it was written by another version")
+    if not isinstance(ckpt["model"], Mapping) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise CheckpointError(f"{path}: not a checkpoint of this toolkit (its 'model' is not a state dict)")
+    if not isinstance(ckpt["config"], Mapping):
+        raise CheckpointError(f"{path}: not a checkpoint of this toolkit (its 'config' is not a table)")
+    try:
+        from_dict(ckpt["config"], source=f"in {path}")
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: the checkpoint holds an invalid configuration:\n{exc}") from None
+    bad = first_nonfinite({k: ckpt.get(k) for k in FINITE_KEYS})
+    if bad is not None:
+        raise CheckpointError(f"{path}: the checkpoint holds NaN/Inf values ({bad}); it was written by a run "
+                              "that diverged and cannot be resumed, evaluated or exported")
+
+
+def restore_model(model: GatedNetwork, ckpt: Mapping[str, Any], eps: float, path: str | Path) -> None:
+    """:func:`apply_structure` + ``load_state_dict``; a checkpoint that does not fit raises :class:`CheckpointError`."""
+    try:
+        apply_structure(model, ckpt["structure"], eps)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{checkpoint_path(path)}: the checkpoint does not fit the network its "
+                              f"configuration builds ({first[:300]})") from None
 
 
 def epoch_sums_row(rows: list[list[float]], rank: int, world_size: int) -> list[float] | None:
@@ -150,13 +249,17 @@ def check_resume_config(saved: RunConfig, given: RunConfig) -> None:
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "apply_structure",
     "baseline_spec_of",
     "check_resume_config",
+    "checkpoint_path",
     "epoch_sums_row",
     "load_checkpoint",
     "network_from_checkpoint",
     "network_record",
+    "restore_model",
     "save_checkpoint",
     "structure_of",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,26 +77,29 @@ def _say(*lines: str, err: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Algorithm 1 (``pruning.train``); a bad configuration exits with 2 before anything is written.
+    """Algorithm 1 (``pruning.train``) in a locked run folder (``pruning.rundir``).
 
-    Under ``torchrun`` every process runs this; a job that ``torchrun --max-restarts`` restarted
-    after a failure resumes from the run's last checkpoint by itself.
+    Exit 2 — nothing written — for a bad configuration, a refused run folder (not a run, in use,
+    already holding a run) or a damaged checkpoint; exit 1 when training diverges or a process of a
+    data-parallel run is lost; 128 + the signal number after a clean stop on SIGINT/SIGTERM (a
+    checkpoint at the current step).  Under ``torchrun`` every process runs this; a job that
+    ``torchrun --max-restarts`` restarted after a failure resumes from the run's last checkpoint by itself.
     """
+    from .checkpoint import CheckpointError, load_checkpoint
     from .config import ConfigError, load_config
     from .distributed import restart_count
+    from .rundir import RunDirError
 
     base = None
     if args.resume and not args.config:
         if not args.out:
             print("error: --resume without --config needs --out DIR (the run to continue)", file=sys.stderr)
             return 2
-        import torch
-
-        ckpt_path = Path(args.out) / "checkpoint.pt"
-        if not ckpt_path.is_file():
-            print(f"error: --resume: no checkpoint {ckpt_path}", file=sys.stderr)
+        try:
+            base = load_checkpoint(Path(args.out))["config"]
+        except CheckpointError as exc:
+            print(f"error: --resume: {exc}", file=sys.stderr)
             return 2
-        base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
     overrides = list(args.set or ()) + (["train.audit=true"] if args.audit else [])
     try:
         cfg = load_config(args.config, overrides, base=base, check_files=not args.resume)
@@ -104,63 +108,65 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     out = _default_out(args, cfg.train.out_dir)
     restarts = restart_count()
-    if restarts and not args.resume and (out / "checkpoint.pt").is_file():
+    if restarts and not args.resume and not args.overwrite and (out / "checkpoint.pt").is_file():
         args.resume = True
         _say(f"torchrun restart {restarts}: resuming {out} from its last checkpoint")
-    if not args.resume and (out / "checkpoint.pt").exists():
-        print(f"error: {out} already holds a run (checkpoint.pt); use --resume to continue it or another --out",
-              file=sys.stderr)
-        return 2
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        print(f"error: --resume: no checkpoint {out / 'checkpoint.pt'}", file=sys.stderr)
-        return 2
 
     from .distributed import DistributedError, init_distributed
     from .interrupt import RunInterrupted
-    from .train import Trainer, TrainingDiverged
+    from .train import Trainer, TrainingDiverged, shared_session
 
+    argv = ["python", "-m", "pruning", *getattr(args, "argv", [])]  # the command line, for provenance.json
     try:
         dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     except (DistributedError, RuntimeError, ValueError) as exc:
         print(f"error: cannot join the torchrun process group: {exc}", file=sys.stderr)
         return 2
     try:
-        try:
-            trainer = Trainer(cfg, out, resume=args.resume, dist=dist)
-        except ValueError as exc:  # configuration mismatch on resume, model/data problems
-            _say(f"error: {exc}", err=True)
-            return 2
-        try:
-            report = trainer.fit()
-        except TrainingDiverged as exc:
-            print(f"error: training diverged: {exc}", file=sys.stderr)
-            return 1
-        except RunInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint written at the current step
-            _say(str(stop), err=True)
-            return stop.exit_code
-        except DistributedError as exc:  # another process died or the processes disagree
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 1
+        with shared_session(out, dist, resume=args.resume, overwrite=args.overwrite, argv=argv) as session:
+            try:
+                trainer = Trainer(cfg, out, resume=args.resume, dist=dist)
+            except ValueError as exc:  # configuration mismatch on resume, model/data problems, damaged checkpoint
+                _say(f"error: {exc}", err=True)
+                return 2
+            session.start(device=trainer.device, export_dirs=[cfg.export.dir])
+            try:
+                report = trainer.fit()
+            except TrainingDiverged as exc:  # every process stops at the same step (pruning.guard)
+                _say(f"error: training diverged: {exc}", err=True)
+                session.finish("diverged")
+                return 1
+            except RunInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint written at the current step
+                _say(str(stop), err=True)
+                session.finish("interrupted")
+                return stop.exit_code
+            except DistributedError as exc:  # another process died or the processes disagree
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                session.finish(f"failed ({type(exc).__name__})")
+                return 1
+            assert report is not None
+            _say(
+                f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
+                f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
+                f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s "
+                f"-> {out}" + (f" ({report['processes']} processes)" if report.get("processes", 1) > 1 else "")
+            )
+            if report.get("audit"):
+                from .report import audit_lines
+
+                _say("\n".join(audit_lines(report["audit"])))
+    except (RunDirError, CheckpointError) as exc:
+        _say(f"error: {exc}", err=True)
+        return 2
     finally:
         dist.close()
-    assert report is not None
-    _say(
-        f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
-        f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
-        f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s -> {out}"
-        + (f" ({report['processes']} processes)" if report.get("processes", 1) > 1 else "")
-    )
-    if report.get("audit"):
-        from .report import audit_lines
-
-        _say("\n".join(audit_lines(report["audit"])))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Mean-field accuracy and deterministic FLOPs/parameters of a run's latest checkpoint."""
     from .build import load_data
-    from .checkpoint import baseline_spec_of
+    from .checkpoint import CheckpointError, baseline_spec_of
     from .data import make_loader
     from .distributed import init_distributed
     from .evaluation import evaluate
@@ -172,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = dist.device(args.device)
         try:
             cfg, model, ckpt = load_run(args.run, device=device)
-        except (FileNotFoundError, ValueError) as exc:
+        except CheckpointError as exc:
             _say(f"error: {exc}", err=True)
             return 2
         data = load_data(cfg)
@@ -182,6 +188,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         loss, acc = evaluate(model, loader, device, all_reduce=dist.all_reduce_sum if dist.active else None)
     finally:
         dist.close()
+    if not math.isfinite(loss):
+        _say(f"error: {args.run}: the {args.split} loss of the checkpoint's network is not finite ({loss}); "
+             "its outputs overflow", err=True)
+        return 1
     spec = model.spec()
     meter = CostMeter(baseline_spec_of(ckpt, cfg))
     flops, params = meter.deterministic(spec)
@@ -204,11 +214,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """The deterministic network of a run (θ folded into the weights), written by ``pruning.export``."""
+    from .checkpoint import CheckpointError
     from .train import export_run, load_run
 
     try:
         cfg, model, _ = load_run(args.run)
-    except (FileNotFoundError, ValueError) as exc:
+    except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
@@ -232,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (mid-epoch ones at the exact batch; "
                         "also with another number of torchrun processes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run in --out over (removes that run's files; refuses a folder that is not a run)")
     p.add_argument("--audit", action="store_true",
                    help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
                         "reports how many recover (premature-pruning rate) and how many were certified")
@@ -262,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command line, for provenance.json
     return int(args.func(args))
 
 

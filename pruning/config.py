@@ -21,6 +21,7 @@ Algorithm 1 step 4; ``epochs >= 1``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -42,10 +43,11 @@ SCHEDULES = ("cosine", "cosine-restarts", "step", "constant")
 OPTIMIZERS = ("sgd-adam", "plain-sgd")
 
 #: Architectures of ``pruning.models.build_model`` and the keyword arguments each accepts in ``[model.kwargs]``
-#: (with the TOML types allowed).  Missing shape arguments are filled in from the data set by the trainer.
-ARCH_KWARGS: dict[str, dict[str, tuple[type, ...]]] = {
-    "residual_mlp": {"in_features": (int,), "hidden": (list,), "out_gated": (bool,), "activation": (str,)},
-    "resnet1d": {"stage_blocks": (list,), "widths": (list,), "length": (int,), "in_channels": (int,)},
+#: (with the TOML types allowed; ``list[int]`` checks every element).  Integers and list elements must be
+#: positive.  Missing shape arguments are filled in from the data set by the trainer.
+ARCH_KWARGS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "residual_mlp": {"in_features": (int,), "hidden": (list[int],), "out_gated": (bool,), "activation": (str,)},
+    "resnet1d": {"stage_blocks": (list[int],), "widths": (list[int],), "length": (int,), "in_channels": (int,)},
     "resnet20": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
     "resnet56": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
     "resnet110": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
@@ -265,7 +267,25 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
         return True, out
     if origin is dict or tp is dict:
         return isinstance(value, dict), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
     return True, value
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``" (did you mean 'seed'?)"`` when a choice is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _value_error(name: str, value: Any, tp: Any) -> str:
+    """``name: expected <type>, got ...``, naming the first bad element of a list."""
+    if typing.get_origin(tp) is list and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            if not _check_type(v, item)[0]:
+                return f"{name}[{i}]: expected {_describe(item)}, got {type(v).__name__} {v!r} (in {value!r})"
+    return f"{name}: expected {_describe(tp)}, got {type(value).__name__} {value!r}"
 
 
 def _describe(tp: Any) -> str:
@@ -292,8 +312,9 @@ def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
         attr = _ATTR_NAME.get(key, key)
         name = f"{path}.{key}" if path else key
         if attr not in fields or attr in _TOML_NAME and key == attr:
-            known = ", ".join(sorted(_TOML_NAME.get(f, f) for f in fields))
-            errors.append(f"{name}: unknown {'key' if path else 'section'} (known: {known})")
+            names = sorted(_TOML_NAME.get(f, f) for f in fields)
+            errors.append(f"{name}: unknown {'key' if path else 'section'}{did_you_mean(key, names)} "
+                          f"(known: {', '.join(names)})")
             continue
         tp = hints[attr]
         if dataclasses.is_dataclass(tp):
@@ -301,7 +322,7 @@ def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
             continue
         ok, converted = _check_type(value, tp)
         if not ok:
-            errors.append(f"{name}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+            errors.append(_value_error(name, value, tp))
             continue
         kwargs[attr] = converted
     return cls(**kwargs)
@@ -330,14 +351,8 @@ def _range_errors(cfg: RunConfig) -> list[str]:
          m.estimator)
     need(finite(m.theta_init) and 0.0 <= m.theta_init <= 1.0, "model.theta_init", "must lie in [0, 1]", m.theta_init)
     if m.arch in ARCH_KWARGS:
-        allowed = ARCH_KWARGS[m.arch]
-        for key, value in m.kwargs.items():
-            if key not in allowed:
-                errors.append(f"model.kwargs.{key}: unknown argument for arch {m.arch!r} "
-                              f"(known: {', '.join(allowed) or 'none'})")
-            elif isinstance(value, bool) and bool not in allowed[key] or not isinstance(value, allowed[key]):
-                errors.append(f"model.kwargs.{key}: expected {'/'.join(_describe(a) for a in allowed[key])}, "
-                              f"got {type(value).__name__} {value!r}")
+        errors += _kwargs_errors(m.arch, m.kwargs)
+    errors += _data_option_errors(d)
     if m.arch == "spec":
         need(Path(m.spec).suffix in SPEC_SUFFIXES, "model.spec",
              f"arch 'spec' needs the path of a spec file ending in {' or '.join(SPEC_SUFFIXES)}", m.spec)
@@ -381,6 +396,52 @@ def _range_errors(cfg: RunConfig) -> list[str]:
          t.dist_timeout_s)
     need(t.sync_check_every >= 0, "train.sync_check_every", "must be >= 0 (iterations; 0 = off)", t.sync_check_every)
     need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
+    return errors
+
+
+def _kwargs_errors(arch: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """``[model.kwargs]`` against :data:`ARCH_KWARGS`: names, types (every list element), positive sizes."""
+    errors: list[str] = []
+    allowed = ARCH_KWARGS[arch]
+    for key, value in kwargs.items():
+        name = f"model.kwargs.{key}"
+        if key not in allowed:
+            errors.append(f"{name}: unknown argument for arch {arch!r}{did_you_mean(key, list(allowed))} "
+                          f"(known: {', '.join(allowed) or 'none'})")
+            continue
+        if not any(_check_type(value, tp)[0] for tp in allowed[key]):
+            errors.append(_value_error(name, value, allowed[key][0]) if len(allowed[key]) == 1 else
+                          f"{name}: expected {' or '.join(_describe(a) for a in allowed[key])}, "
+                          f"got {type(value).__name__} {value!r}")
+            continue
+        sizes = value if isinstance(value, list) else [value] if type(value) is int else []
+        if any(v < 1 for v in sizes) or isinstance(value, list) and not value:
+            errors.append(f"{name}: must be {'a non-empty list of ' if isinstance(value, list) else ''}"
+                          f"positive integer{'s' if isinstance(value, list) else ''}, got {value!r}")
+    if arch == "resnet1d" and isinstance(kwargs.get("widths"), list) and isinstance(kwargs.get("stage_blocks"), list) \
+            and len(kwargs["widths"]) != len(kwargs["stage_blocks"]):
+        errors.append(f"model.kwargs.widths: needs one width per stage (stage_blocks has {len(kwargs['stage_blocks'])} "
+                      f"entries), got {kwargs['widths']!r}")
+    return errors
+
+
+def _data_option_errors(d: DataConfig) -> list[str]:
+    """``[data.options]`` against the keyword options of the dataset's loader (names with "did you mean", types)."""
+    if d.name not in DATASETS:
+        return []
+    from .data import dataset_options  # the loaders' own signatures: one description of what each accepts
+
+    accepted = dataset_options(d.name)
+    if accepted is None:  # the loader takes any keyword
+        return []
+    errors: list[str] = []
+    for key, value in d.options.items():
+        name = f"data.options.{key}"
+        if key not in accepted:
+            errors.append(f"{name}: unknown option for dataset {d.name!r}{did_you_mean(key, list(accepted))} "
+                          f"(known: {', '.join(accepted) or 'none'})")
+        elif not _check_type(value, accepted[key])[0]:
+            errors.append(_value_error(name, value, accepted[key]))
     return errors
 
 
@@ -464,9 +525,17 @@ def load_config(
             with open(path, "rb") as fh:
                 raw = tomllib.load(fh)
         except FileNotFoundError:
-            raise ConfigError([f"{path}: no such file"], source) from None
+            raise ConfigError([f"--config {path}: no such file"], source) from None
+        except IsADirectoryError:
+            raise ConfigError([f"--config {path}: is a folder, not a TOML file"], source) from None
+        except PermissionError:
+            raise ConfigError([f"--config {path}: not readable (permission denied)"], source) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"--config {path}: not a TOML file (not UTF-8 text)"], source) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: TOML syntax error: {exc}"], source) from None
+            raise ConfigError([f"--config {path}: TOML syntax error: {exc}"], source) from None
+        except OSError as exc:
+            raise ConfigError([f"--config {path}: cannot be read ({exc.strerror or exc})"], source) from None
     raw = apply_overrides(raw, overrides, errors)
     try:
         cfg = from_dict(raw, source=source)

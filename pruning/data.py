@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
 import pickle
 import random
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ __all__ = [
     "RandomCropFlip",
     "WorkerLoader",
     "center_crop_params",
+    "dataset_options",
     "default_root",
     "load_cifar10",
     "load_cifar100",
@@ -859,6 +862,19 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "cifar100": load_cifar100,
     "imagenet": load_imagenet,
 }
+
+
+def dataset_options(name: str) -> dict[str, Any] | None:
+    """The keyword options ``load_dataset(name, root, **options)`` accepts, with their annotated types.
+
+    Read off the loader's signature (its keyword-only parameters); ``None`` when it takes any keyword.
+    """
+    fn = DATASETS[name.lower().replace("-", "").replace("_", "")]
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    hints = typing.get_type_hints(fn)
+    return {p.name: hints.get(p.name, Any) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **options: Any) -> DataSplits:

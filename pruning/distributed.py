@@ -137,6 +137,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return int(t.item())
 
+    def all_true(self, flags: Tensor) -> Tensor:
+        """Element-wise AND of a bool vector over the processes, through the CPU group (e.g. the guard's flags)."""
+        if not self.active:
+            return flags
+        t = flags.detach().to("cpu", torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return t.bool()
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` of every process, by rank (pickled through the CPU group)."""
         if not self.active:

@@ -94,6 +94,15 @@ def has_unit_gates(mode: str) -> bool:
     return check_choice("mode", mode, MODES) in ("combined", "unit")
 
 
+def _probability(theta: Tensor) -> Tensor:
+    """``θ`` clamped to ``[0, 1]`` for ``bernoulli``, a NaN read as 0 (detached).
+
+    ``θ`` is finite after every projected step unless the step diverged; the draw must not fail then,
+    because the divergence is reported by :mod:`pruning.guard` in the same step, after the forward pass.
+    """
+    return theta.detach().nan_to_num(0.0).clamp(0.0, 1.0)
+
+
 class StraightThrough(torch.autograd.Function):
     """``ξ_st``: the value ``ξ`` in the forward pass, the identity to ``θ`` in the backward pass.
 
@@ -128,7 +137,7 @@ class Gate(nn.Module):
     def draw(self) -> Tensor:
         """One sample ``ξ ~ Bernoulli(θ)`` (detached, float32, shape of ``θ``)."""
         with torch.no_grad():
-            return torch.bernoulli(self.theta.detach().clamp(0.0, 1.0), generator=_GENERATOR[0])
+            return torch.bernoulli(_probability(self.theta), generator=_GENERATOR[0])
 
     def fix(self, value: Tensor | float | None) -> None:
         """Pin ``ξ`` to ``value`` (broadcast to ``θ``'s shape) in every mode; ``None`` releases it."""
@@ -221,7 +230,7 @@ def shared_sample(gates: Sequence[Gate]) -> Iterator[None]:
         if not st:
             flat = flat.detach()
         with torch.no_grad():
-            xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0), generator=_GENERATOR[0])
+            xi = torch.bernoulli(_probability(flat), generator=_GENERATOR[0])
         samples = xi.split(sizes)
         # straight-through: one autograd node for every gate (the identity to the concatenated θ)
         multipliers = StraightThrough.apply(flat, xi).split(sizes) if st else samples

@@ -249,6 +249,7 @@ class ResidualBlock(nn.Module):
         out_act: nn.Module | None = None,
         out_gate: UnitGate | None = None,
         out_gated: bool = False,
+        gated: bool = True,
     ) -> None:
         super().__init__()
         self.in_width, self.out_width = in_width, out_width
@@ -259,6 +260,7 @@ class ResidualBlock(nn.Module):
         self.out_act = out_act
         self.out_gate = out_gate
         self.out_gated = out_gated  # structural: the spec's out_gated (gates present only in unit modes)
+        self.gated = gated  # structural: the spec's gated, a block with ξ_B (present only in block modes)
 
     @property
     def alive(self) -> bool:
@@ -329,7 +331,7 @@ class ResidualBlock(nn.Module):
             shortcut=self.shortcut_kind,  # type: ignore[arg-type]
             shortcut_layer=shortcut_layer,
             out_size=self.out_size,
-            gated=True,
+            gated=self.gated,
             out_gated=self.out_gated,
             out_act=self.out_act is not None,
             name=self.name,
@@ -691,7 +693,7 @@ def from_spec(
                 block_gate=_block_gate(mode, estimator, theta_init) if b.gated else None,
                 out_act=act() if b.out_act else None,
                 out_gate=_unit_gate(b.out_width, mode, estimator, theta_init) if b.out_gated else None,
-                out_gated=b.out_gated,
+                out_gated=b.out_gated, gated=b.gated,
             )
         )
     meta = dict(spec.meta)

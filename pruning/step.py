@@ -12,6 +12,7 @@ import torch
 
 from theory.projection import project
 
+from .guard import FiniteGuard
 from .models import GatedNetwork
 from .objective import Objective, ObjectiveTerms
 from .runtime import autocast_ctx
@@ -38,6 +39,8 @@ def algorithm1_step(
     before_update: Callable[[], object] | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     average: Callable[[list[torch.Tensor]], object] | None = None,
+    guard: FiniteGuard | None = None,
+    where: Any = None,
 ) -> tuple[ObjectiveTerms, torch.Tensor]:
     """Steps 1–3 of Algorithm 1 on one mini-batch (the ε-rule, step 4, is the caller's).
 
@@ -48,7 +51,10 @@ def algorithm1_step(
     added to ``∇C/N`` instead; ``before_update()`` sees the gradients; then the
     weight step, the ``θ`` step and ``Θ ← Π_H(Θ)`` [14]–[15].  Raises
     :class:`NonFiniteObjective` before touching any parameter if ``J`` is not
-    finite.  Returns the objective terms and the network output.
+    finite.  With a ``guard`` (:class:`pruning.guard.FiniteGuard`) the same host
+    read also checks the previous step's update (raising
+    :class:`pruning.guard.NonFiniteUpdate`), and this step's update is armed
+    under the tag ``where``.  Returns the objective terms and the network output.
 
     Data-parallel runs (:mod:`pruning.distributed`): ``forward`` is the
     ``DistributedDataParallel`` wrapper of ``model`` (its backward averages
@@ -60,7 +66,9 @@ def algorithm1_step(
     with autocast_ctx(dev, amp):
         out = (model if forward is None else forward)(x)
     terms = objective(model, out, y, spec=spec)
-    if not bool(torch.isfinite(terms.total.detach())):
+    if guard is not None:
+        guard.check(terms)  # this J and the previous update: one host read
+    elif not bool(torch.isfinite(terms.total.detach())):
         raise NonFiniteObjective(terms)
     opt_w.zero_grad(set_to_none=True)
     if opt_t is not None:
@@ -82,6 +90,8 @@ def algorithm1_step(
         with torch.no_grad():
             for q in model.gate_parameters():
                 q.copy_(project(q))  # Π_H, eq. [15]
+    if guard is not None:
+        guard.arm(model, where)
     return terms, out
 
 

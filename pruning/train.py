@@ -45,12 +45,19 @@ The trainer is assembled from parts with one job each, imported here:
 * :mod:`pruning.distributed` — process group, DDP wrapper, cross-process agreement;
 * :mod:`pruning.interrupt` — clean stops on SIGINT/SIGTERM;
 * :mod:`pruning.syncbn` — BatchNorm statistics over the global batch (``train.sync_bn``).
+* :mod:`pruning.guard` — no NaN/Inf objective, weight, ``θ`` or BN statistic passes a step, nothing
+  non-finite is checkpointed or exported (:class:`TrainingDiverged` names epoch and iteration);
+* :mod:`pruning.rundir` — the run folder: checks, lock, orphaned temporary files, ``--overwrite``,
+  ``provenance.json`` and ``train.log`` (:func:`train` and the command line open a
+  :class:`~pruning.rundir.RunSession`; a bare :class:`Trainer` does not).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,16 +67,17 @@ import torch
 from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
-from .build import build_network, check_fits, load_data
+from .build import build_network, check_fits, check_network_fits, load_data
 from .checkpoint import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
-    apply_structure,
+    CheckpointError,
     check_resume_config,
     epoch_sums_row,
     load_checkpoint,
     network_from_checkpoint,
     network_record,
+    restore_model,
     save_checkpoint,
     structure_of,
 )
@@ -90,19 +98,22 @@ from .distributed import (
 )
 from .evaluation import evaluate, theta_stats
 from .gates import sampling_generator
+from .guard import FiniteGuard, NonFiniteState, NonFiniteUpdate, require_finite
 from .interrupt import RunInterrupted, StopSignals
 from .models import GatedNetwork
 from .objective import CostMeter, Objective
 from .optim import lr_at, make_optimizers
+from .rundir import CONFIG_ECHO, RunDirError, RunSession
 from .runlog import RunLog
 from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
 from .step import NonFiniteObjective, algorithm1_step
 
-CONFIG_ECHO = "config.toml"
-
 
 class TrainingDiverged(RuntimeError):
-    """The objective became NaN/Inf; the message names the epoch and iteration; the last checkpoint is kept."""
+    """The objective, the weights/θ or the test loss became NaN/Inf; the message names the epoch and iteration.
+
+    The last good checkpoint is kept; nothing non-finite is written (:mod:`pruning.guard`).
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,19 +199,22 @@ class Trainer:
             torch.set_num_threads(t.threads)
         ckpt: dict[str, Any] | None = None
         if resume:
-            if not (self.out / CHECKPOINT).is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint {self.out / CHECKPOINT}")
-            ckpt = load_checkpoint(self.out)
+            ckpt = load_checkpoint(self.out / CHECKPOINT)  # CheckpointError: missing, damaged or foreign
             check_resume_config(from_dict(ckpt["config"]), cfg)
         seed_everything(t.seed)
         self.data = load_data(cfg)
         self.N = len(self.data.train)
         if ckpt is not None:
-            self.model = network_from_checkpoint(ckpt, cfg)
+            try:
+                self.model = network_from_checkpoint(ckpt, cfg)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{self.out / CHECKPOINT}: the checkpoint's network record does not build "
+                                      f"a network ({exc})") from None
         elif model is not None:
-            check_fits(model.spec(), self.data.num_classes, tuple(self.data.input_shape), "the given network")
+            check_network_fits(model.spec(), self.data.num_classes, tuple(self.data.input_shape), "the given network")
             self.model = model
         else:
+            check_fits(cfg, self.data.num_classes, tuple(self.data.input_shape))  # ConfigError naming the field
             self.model = build_network(cfg, self.data.num_classes, tuple(self.data.input_shape))
         self.baseline_spec = self.model.spec()
         o = cfg.objective
@@ -210,12 +224,13 @@ class Trainer:
         )
         self.meter = CostMeter(self.baseline_spec)
         self.progress = Progress()
+        # no NaN/Inf weight, θ or BN statistic passes a step (pruning.guard); all processes decide together
+        self.guard = FiniteGuard(reduce=self.dist.all_true if self.dist.active else None)
         # pruning audit (pruning.audit): records of what the ε-rule selects; with train.audit, flag, do not remove
         self.audit = PruningAudit(self.objective, eps=t.eps, estimator=cfg.model.estimator, window=t.audit_window,
                                   every=t.audit_every, counterfactual=t.audit)
         if ckpt is not None:
-            apply_structure(self.model, ckpt["structure"], t.eps)
-            self.model.load_state_dict(ckpt["model"])
+            restore_model(self.model, ckpt, t.eps, self.out)
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -226,11 +241,15 @@ class Trainer:
         self.opt_w, self.opt_t = make_optimizers(cfg, self.model.weight_parameters(), self.model.gate_parameters())
         self._saved_at: tuple[int, int] | None = None  # (epoch, batch) of the last checkpoint
         if ckpt is not None:
-            self._load_optimizers(ckpt)
-            self.progress = Progress(**ckpt["progress"])
-            if ckpt.get("audit") is not None:
-                self.audit.load_state_dict(ckpt["audit"], self.device)
-            restore_rng(ckpt["rng"])
+            try:
+                self._load_optimizers(ckpt)
+                self.progress = Progress(**ckpt["progress"])
+                if ckpt.get("audit") is not None:
+                    self.audit.load_state_dict(ckpt["audit"], self.device)
+                restore_rng(ckpt["rng"])
+            except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"{self.out / CHECKPOINT}: the checkpoint's optimiser, progress or RNG "
+                                      f"state does not fit ({type(exc).__name__}: {str(exc)[:200]})") from None
             self._saved_at = (self.progress.epoch, self.progress.batch)
         shard = {"rank": self.dist.rank, "world_size": world}
         self.loader = make_loader(
@@ -331,6 +350,11 @@ class Trainer:
                     f"--out {self.out} --resume")
         return f"python -m pruning train --out {self.out} --resume"
 
+    def _diverged(self, what: str, epoch: int, iteration: int, spe: int, step: int) -> TrainingDiverged:
+        """The error that stops a run: what went non-finite, where, and which checkpoint is kept."""
+        return TrainingDiverged(f"{what} at epoch {epoch}, iteration {iteration}/{spe} (global step {step}); "
+                                f"stopping. {self._last_checkpoint()}")
+
     # -- one epoch ----------------------------------------------------------------------------
     def _prune(self, epoch: int) -> bool:
         from .compaction import prune
@@ -421,14 +445,13 @@ class Trainer:
                             model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
                             before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
                             forward=self.forward, average=average,
+                            guard=self.guard, where=(epoch + 1, i + 1, spe, p.global_step + 1),
                         )
                 except NonFiniteObjective as err:
                     j, d, c = (float(v.detach()) for v in (err.terms.total, err.terms.data, err.terms.complexity))
-                    raise TrainingDiverged(
-                        f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g}) "
-                        f"at epoch {epoch + 1}, iteration {i + 1}/{spe} "
-                        f"(global step {p.global_step + 1}); stopping. " + self._last_checkpoint()
-                    ) from None
+                    what = (f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g})" if not math.isfinite(j)
+                            else "non-finite objective in another process")
+                    raise self._diverged(what, epoch + 1, i + 1, spe, p.global_step + 1) from None
                 if t.audit:
                     self.audit.track(model)
                 b_mine = int(y.shape[0])
@@ -445,6 +468,7 @@ class Trainer:
                 p.global_step += 1
                 p.batch = i + 1
                 if p.global_step % t.prune_every == 0:
+                    self.guard.settle()  # nothing non-finite is pruned
                     self._prune(epoch + 1)
                 if bar is not None:
                     bar.update(1)
@@ -455,6 +479,14 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_now:.3f}", layers=self.spec.depth, lr=f"{lr:.3g}")
                     self.log.iteration(p.global_step, {"train_loss": loss_now, "J": j_now, "lr": lr})
                 self._after_step(epoch, spe)
+            self.guard.settle()
+        except NonFiniteUpdate as err:
+            e, it, n, step = err.where
+            raise self._diverged(
+                f"non-finite weights, θ or BatchNorm statistics after the update "
+                f"(first: {err.name or 'in another process'}; "
+                f"optim.weights.lr = {cfg.optim.weights.lr:g} may be too large)", e, it, n, step,
+            ) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -539,9 +571,21 @@ class Trainer:
                     p.train_time_s += time.perf_counter() - self._epoch_t0
                     p.epoch = epoch + 1
                     rec = self.epoch_record(epoch + 1, stats, time.perf_counter() - self._epoch_t0)
+                    end = (epoch + 1, len(self.loader), len(self.loader), p.global_step)  # where a failure is reported
                     p.log.append(rec)
+                    failure = None
+                    if not math.isfinite(rec["test_loss"]):  # all-reduced: every process sees the same
+                        failure = (f"non-finite test loss ({rec['test_loss']}: the mean-field network's outputs "
+                                   "overflow) in the end-of-epoch evaluation")
+                    else:
+                        try:
+                            self.save_checkpoint()  # refuses NaN/Inf tensors (the last barrier; the guard settled)
+                        except NonFiniteState as err:
+                            failure = f"non-finite state at the epoch's end ({err})"
+                    if failure is not None:
+                        p.epoch, p.log = epoch, p.log[:-1]  # this epoch did not complete: no checkpoint, no report
+                        raise self._diverged(failure, *end)
                     self.log.epoch(p.log, p.epoch)
-                    self.save_checkpoint()
         except RuntimeError as err:
             if self.dist.active and not isinstance(err, TrainingDiverged) and is_comm_failure(err):
                 raise PeerLost(
@@ -611,6 +655,7 @@ def export_run(model: GatedNetwork, out_dir: Path, *, onnx: bool = False) -> dic
     """
     from .export import export_deterministic, save_export
 
+    require_finite(model, "an export")
     written = save_export(export_deterministic(model), out_dir, onnx=onnx)
     return {str(k): str(v) for k, v in written.items()}
 
@@ -622,38 +667,90 @@ def load_run(
     """The configuration, the model (compacted structure, trained state, eval mode) and the raw checkpoint.
 
     Works for every network — built-in, from a spec file or given in Python — as the checkpoint
-    carries the network's spec (:func:`pruning.checkpoint.network_from_checkpoint`).
+    carries the network's spec (:func:`pruning.checkpoint.network_from_checkpoint`).  A missing,
+    damaged or foreign checkpoint raises :class:`pruning.checkpoint.CheckpointError` naming the file.
 
     >>> cfg, model, ckpt = load_run("runs/default")                               # doctest: +SKIP
     >>> model.spec().depth, ckpt["progress"]["epoch"]                             # doctest: +SKIP
     """
-    ckpt = load_checkpoint(run_dir)
+    ckpt = load_checkpoint(run_dir)  # CheckpointError: missing, damaged or foreign
     cfg = from_dict(ckpt["config"])
     seed_everything(cfg.train.seed)
-    model = network_from_checkpoint(ckpt, cfg)
-    apply_structure(model, ckpt["structure"], cfg.train.eps)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = network_from_checkpoint(ckpt, cfg)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir}: the checkpoint's network record does not build a network ({exc})") from None
+    restore_model(model, ckpt, cfg.train.eps, run_dir)
     model.to(device if isinstance(device, torch.device) else resolve_device(device))
     model.eval()
     return cfg, model, ckpt
 
 
-def train(
-    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None
-) -> dict[str, Any]:
-    """Run (or resume) a training run to the end; returns the report (``report.json``'s content).
+class _Follower:
+    """The run-folder session of a process that does not write (rank > 0): nothing to start or record."""
 
-    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).  Under
-    ``torchrun`` every process calls this; the process group is joined and closed here.
+    def start(self, **_: Any) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+@contextmanager
+def shared_session(
+    out_dir: str | Path, dist: DistContext, *, resume: bool, overwrite: bool, argv: list[str] | None = None
+) -> Iterator[RunSession | _Follower]:
+    """The run folder's :class:`~pruning.rundir.RunSession`, held by the writing process (rank 0) alone.
+
+    The other processes learn whether rank 0 could take the folder (one flag over the process group)
+    and refuse with it, so a refused folder stops every process before anything is built.
+    """
+    if not dist.is_writer:
+        if dist.any_flag(0):
+            raise RunDirError(f"{out_dir}: the run folder was refused (rank 0 says why)")
+        yield _Follower()
+        return
+    session = RunSession(out_dir, resume=resume, overwrite=overwrite, argv=argv)
+    try:
+        session.__enter__()
+    except BaseException:
+        dist.any_flag(1)
+        raise
+    dist.any_flag(0)
+    try:
+        yield session
+    except BaseException as exc:  # leaving records the outcome and releases the lock
+        session.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    session.__exit__(None, None, None)
+
+
+def train(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+    model: GatedNetwork | None = None, argv: list[str] | None = None, dist: DistContext | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or start over) a training run to the end in its locked folder; returns the report.
+
+    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).  The folder
+    rules of :class:`pruning.rundir.RunSession` apply (:class:`pruning.rundir.RunDirError`); only the
+    writing process (rank 0) holds the folder.  Under ``torchrun`` every process calls this; the
+    process group is joined here unless ``dist`` is given, and closed again.  ``argv``: the command
+    line recorded in ``provenance.json`` (default ``sys.argv``).
 
     >>> report = train(load_config("experiments/configs/default.toml"), "runs/default")  # doctest: +SKIP
     >>> report["fPR"], report["test_accuracy"]                                    # doctest: +SKIP
     """
-    dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    own = dist is None
+    if dist is None:
+        dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
-        report = Trainer(cfg, out_dir, resume=resume, model=model, dist=dist).fit()
+        with shared_session(out_dir, dist, resume=resume, overwrite=overwrite, argv=argv) as session:
+            trainer = Trainer(cfg, out_dir, resume=resume, model=model, dist=dist)
+            session.start(device=trainer.device, export_dirs=[cfg.export.dir])
+            report = trainer.fit()
     finally:
-        dist.close()
+        if own:
+            dist.close()
     assert report is not None
     return report
 
