@@ -2,7 +2,7 @@
 
 Both variants run the body of one iteration of :meth:`pruning.train.Trainer.train_epoch` on the same
 architecture and the same mini-batch, through the library itself: the ``E[F]`` bookkeeping of
-:class:`pruning.objective.CostMeter`, then :func:`pruning.train.algorithm1_step` — forward, ``J``
+:class:`pruning.objective.CostMeter`, then :func:`pruning.step.algorithm1_step` — forward, ``J``
 (:class:`pruning.objective.Objective`, with the complexity term ``C(Θ)/N`` in combined mode),
 backward, the SGD step on ``W`` and (gated only) the Adam step on ``Θ`` followed by the projection
 Π_H — then the epoch sums.  The plain variant is ``mode="none"`` (no gates, no complexity term).
@@ -44,7 +44,8 @@ import _timing as T  # noqa: E402
 from pruning.config import RunConfig  # noqa: E402
 from pruning.models import GatedNetwork, build_model  # noqa: E402
 from pruning.objective import CostMeter, Objective, ObjectiveTerms  # noqa: E402
-from pruning.train import algorithm1_step, lr_at, make_optimizers  # noqa: E402
+from pruning.optim import lr_at, make_optimizers  # noqa: E402
+from pruning.step import algorithm1_step  # noqa: E402
 
 TARGET = 1.10
 ARCHS: dict[str, dict[str, Any]] = {

@@ -34,7 +34,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import _timing as T  # noqa: E402
 
 from pruning.config import load_config  # noqa: E402
-from pruning.train import Trainer, capture_rng, restore_rng  # noqa: E402
+from pruning.runtime import capture_rng, restore_rng  # noqa: E402
+from pruning.train import Trainer  # noqa: E402
 
 
 def make_trainer(mode: str, args: argparse.Namespace, out: Path, device: str) -> Trainer:

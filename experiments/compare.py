@@ -241,11 +241,14 @@ def check_cached(run: RunSpec, root: Path) -> None:
 
 
 def command_for(run: RunSpec, root: Path, *, resume: bool) -> list[str]:
+    """The training command; a failed attempt without a checkpoint is started over (``--overwrite``)."""
     cmd = [sys.executable, "-m", "pruning", "train", "--config", str(CONFIGS[run.setting.dataset]),
            "--out", str(run.run_dir(root))]
     for o in run.overrides():
         cmd += ["--set", o]
-    return cmd + (["--resume"] if resume else [])
+    if resume:
+        return cmd + ["--resume"]
+    return cmd + (["--overwrite"] if (run.run_dir(root) / "provenance.json").is_file() else [])
 
 
 def execute(run: RunSpec, root: Path) -> dict[str, Any]:
@@ -257,13 +260,14 @@ def execute(run: RunSpec, root: Path) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     code = code_version()
     start, t0 = time.time(), time.perf_counter()
-    with open(d / "train.log", "a", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    # the trainer writes train.log and provenance.json itself; what it printed before (or without) them is kept here
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          check=False)
+    rc = proc.returncode
     wall = time.perf_counter() - t0
     prev = _read_json(d / RUN_META) or {}
-    attempts = list(prev.get("attempts", [])) + [{"start": start, "wall_s": wall, "returncode": rc, "resumed": resume}]
+    attempts = list(prev.get("attempts", [])) + [{"start": start, "wall_s": wall, "returncode": rc, "resumed": resume,
+                                                  "output_tail": (proc.stdout or "")[-2000:]}]
     meta = {
         "status": "done" if rc == 0 and (d / "report.json").is_file() else "failed",
         "returncode": rc,
@@ -321,7 +325,8 @@ def run_grid(runs: Sequence[RunSpec], root: Path, *, jobs: int, retry_failed: bo
             done[0] += 1
             counts[meta["status"]] += 1
             what = (f"acc {100 * rep['test_accuracy']:.2f}%  fPR {100 * rep['fPR']:.1f}%  pPR {100 * rep['pPR']:.1f}%"
-                    f"  layers {rep['layers_left']}" if rep else f"FAILED (rc {meta['returncode']}, see train.log)")
+                    f"  layers {rep['layers_left']}" if rep
+                    else f"FAILED (rc {meta['returncode']}, see train.log and {RUN_META})")
             log(f"[{done[0]}/{len(todo)}] {run.setting.dataset} {run.setting.tag} seed{run.seed}: {what}  "
                 f"{meta['wall_s']:.0f}s")
 

@@ -6,7 +6,7 @@ random tanh teacher), the trainer's objective ``J = mean ℓ + C/N + (λ/N)/2 ||
 (:class:`pruning.objective.Objective`, cross-entropy).  From one initial state ``(W_0, Θ_0)``:
 
 (a) the torch algorithm (Algorithm 1, §5): plain SGD with constant step ``η`` on both groups
-    (the trainer's ``plain-sgd`` optimisers, :func:`pruning.train.make_optimizers`), mini-batches
+    (the trainer's ``plain-sgd`` optimisers, :func:`pruning.optim.make_optimizers`), mini-batches
     drawn with replacement, one gate sample per forward pass, ``Θ ← Π_H(Θ − η Ĝ_Θ)``
     (:func:`theory.projection.project`); ``∂E/∂θ`` by the unbiased *exact-difference* estimator
     (``GatedNetwork.exact_gate_grads``) or by *straight-through*; the iterate ``k`` is recorded
@@ -55,7 +55,8 @@ from pruning.exact import ExactDynamics, load_state, state_from_model, state_rea
 from pruning.gates import fixed_gates
 from pruning.models import GatedNetwork, build_model
 from pruning.objective import Objective
-from pruning.train import algorithm1_step, make_optimizers
+from pruning.optim import make_optimizers
+from pruning.step import algorithm1_step
 from theory.atomic import atomic_write, atomic_write_text
 
 DEFAULT_STEPS = (4e-3, 1e-3, 2.5e-4)

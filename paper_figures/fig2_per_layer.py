@@ -30,7 +30,8 @@ from paper_figures.pareto import compare_module  # noqa: E402
 
 def per_layer(run_dir: Path | str) -> dict[str, Any]:
     """Per-layer (FLOPs, params) of the baseline and of the run's final network, plus its headline numbers."""
-    from pruning.train import build_network, load_run
+    from pruning.build import build_network
+    from pruning.train import load_run
     from theory.complexity import ComplexityModel
 
     cfg, model, ckpt = load_run(run_dir)

@@ -7,4 +7,52 @@ one complexity model of :mod:`theory.complexity`), :mod:`pruning.train`
 (Algorithm 1), :mod:`pruning.compaction` (the ε-rule, physical removal),
 :mod:`pruning.report` and :mod:`pruning.export`.  Command line:
 ``python -m pruning --help``.
+
+The public API, importable from here (loaded on first use)::
+
+    import pruning
+    net = pruning.gate(my_resnet, torch.randn(1, 3, 32, 32))   # your own torch ResNet, gated
+    net = pruning.build_model("resnet18", num_classes=10)      # or a built-in architecture
+    net = pruning.from_spec(pruning.load_spec("net.toml"), mode="combined",
+                            estimator="straight-through", theta_init=1.0)   # or a spec file
+    report = pruning.Trainer(pruning.load_config("cfg.toml"), "runs/x", model=net).fit()
+    cfg, model, ckpt = pruning.load_run("runs/x")
+    pruning.save_export(pruning.export_deterministic(model), "runs/x/export", onnx=True)
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> module that defines it (imported lazily: ``import pruning`` stays cheap).
+_API = {
+    # configuration
+    "RunConfig": ".config", "load_config": ".config", "ConfigError": ".config",
+    # networks
+    "GatedNetwork": ".models", "build_model": ".models", "from_spec": ".models",
+    "gate": ".convert", "ConversionError": ".convert",
+    "NetworkSpec": "theory.spec", "load_spec": "theory.spec", "save_spec": "theory.spec",
+    # training
+    # (the function pruning.train.train is not listed: ``pruning.train`` is its module)
+    "Trainer": ".train", "load_run": ".train", "export_run": ".train",
+    "TrainingDiverged": ".train", "prune": ".compaction",
+    # deployment
+    "export_deterministic": ".export", "save_export": ".export", "save_onnx": ".export",
+    "DeterministicNetwork": ".export",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pruning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

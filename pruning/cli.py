@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +22,22 @@ def _fmt(x: float) -> str:
 
 def cmd_flops(args: argparse.Namespace) -> int:
     """Baseline FLOPs (conv + linear MACs) and parameters through the one complexity model (THEORY §3)."""
-    spec = by_name(args.model)
+    if args.spec:
+        from theory.spec import load_spec
+
+        try:
+            spec = load_spec(args.spec)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        label = spec.name
+    else:
+        spec = by_name(args.model)
+        label = args.model
     model = ComplexityModel(spec, elementwise=False)
     flops, params = float(model.flops()), float(model.params())
     record = {
-        "model": args.model,
+        "model": label,
         "flops": flops,
         "params": params,
         "layers": spec.depth,
@@ -38,7 +50,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    print(f"{args.model}: {_fmt(flops)} FLOPs (MACs), {_fmt(params)} parameters, {spec.depth} layers, "
+    print(f"{label}: {_fmt(flops)} FLOPs (MACs), {_fmt(params)} parameters, {spec.depth} layers, "
           f"{spec.prunable_blocks} prunable blocks, input {tuple(spec.input_shape)}")
     if args.per_layer:
         print(f"{'layer':<28}{'FLOPs':>14}{'params':>12}")
@@ -56,84 +68,136 @@ def _default_out(args: argparse.Namespace, cfg_out: str) -> Path:
     return Path("runs") / stem
 
 
+def _say(*lines: str, err: bool = False) -> None:
+    """Print on rank 0 only (every process of a ``torchrun`` job runs this command line)."""
+    from .distributed import env_world
+
+    if env_world()[0] == 0:
+        print(*lines, sep="\n", file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Algorithm 1 (``pruning.train``); a bad configuration exits with 2 before anything is written."""
+    """Algorithm 1 (``pruning.train``) in a locked run folder (``pruning.rundir``).
+
+    Exit 2 — nothing written — for a bad configuration, a refused run folder (not a run, in use,
+    already holding a run) or a damaged checkpoint; exit 1 when training diverges or a process of a
+    data-parallel run is lost; 128 + the signal number after a clean stop on SIGINT/SIGTERM (a
+    checkpoint at the current step).  Under ``torchrun`` every process runs this; a job that
+    ``torchrun --max-restarts`` restarted after a failure resumes from the run's last checkpoint by itself.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
     from .config import ConfigError, load_config
+    from .distributed import restart_count
+    from .rundir import RunDirError
 
     base = None
     if args.resume and not args.config:
         if not args.out:
             print("error: --resume without --config needs --out DIR (the run to continue)", file=sys.stderr)
             return 2
-        import torch
-
-        ckpt_path = Path(args.out) / "checkpoint.pt"
-        if not ckpt_path.is_file():
-            print(f"error: --resume: no checkpoint {ckpt_path}", file=sys.stderr)
+        try:
+            base = load_checkpoint(Path(args.out))["config"]
+        except CheckpointError as exc:
+            print(f"error: --resume: {exc}", file=sys.stderr)
             return 2
-        base = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
     overrides = list(args.set or ()) + (["train.audit=true"] if args.audit else [])
     try:
-        cfg = load_config(args.config, overrides, base=base)
+        cfg = load_config(args.config, overrides, base=base, check_files=not args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = _default_out(args, cfg.train.out_dir)
-    if not args.resume and (out / "checkpoint.pt").exists():
-        print(f"error: {out} already holds a run (checkpoint.pt); use --resume to continue it or another --out",
-              file=sys.stderr)
-        return 2
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        print(f"error: --resume: no checkpoint {out / 'checkpoint.pt'}", file=sys.stderr)
-        return 2
+    restarts = restart_count()
+    if restarts and not args.resume and not args.overwrite and (out / "checkpoint.pt").is_file():
+        args.resume = True
+        _say(f"torchrun restart {restarts}: resuming {out} from its last checkpoint")
 
-    from .train import Trainer, TrainingDiverged
+    from .distributed import DistributedError, init_distributed
+    from .interrupt import RunInterrupted
+    from .train import Trainer, TrainingDiverged, shared_session
 
+    argv = ["python", "-m", "pruning", *getattr(args, "argv", [])]  # the command line, for provenance.json
     try:
-        trainer = Trainer(cfg, out, resume=args.resume)
-    except ValueError as exc:  # configuration mismatch on resume, model/data problems
-        print(f"error: {exc}", file=sys.stderr)
+        dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    except (DistributedError, RuntimeError, ValueError) as exc:
+        print(f"error: cannot join the torchrun process group: {exc}", file=sys.stderr)
         return 2
     try:
-        report = trainer.fit()
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
-        return 1
-    assert report is not None
-    print(
-        f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
-        f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
-        f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s -> {out}"
-    )
-    if report.get("audit"):
-        from .report import audit_lines
+        with shared_session(out, dist, resume=args.resume, overwrite=args.overwrite, argv=argv) as session:
+            try:
+                trainer = Trainer(cfg, out, resume=args.resume, dist=dist)
+            except ValueError as exc:  # configuration mismatch on resume, model/data problems, damaged checkpoint
+                _say(f"error: {exc}", err=True)
+                return 2
+            session.start(device=trainer.device, export_dirs=[cfg.export.dir])
+            try:
+                report = trainer.fit()
+            except TrainingDiverged as exc:  # every process stops at the same step (pruning.guard)
+                _say(f"error: training diverged: {exc}", err=True)
+                session.finish("diverged")
+                return 1
+            except RunInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint written at the current step
+                _say(str(stop), err=True)
+                session.finish("interrupted")
+                return stop.exit_code
+            except DistributedError as exc:  # another process died or the processes disagree
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                session.finish(f"failed ({type(exc).__name__})")
+                return 1
+            assert report is not None
+            _say(
+                f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
+                f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
+                f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s "
+                f"-> {out}" + (f" ({report['processes']} processes)" if report.get("processes", 1) > 1 else "")
+            )
+            if report.get("audit"):
+                from .report import audit_lines
 
-        print("\n".join(audit_lines(report["audit"])))
+                _say("\n".join(audit_lines(report["audit"])))
+    except (RunDirError, CheckpointError) as exc:
+        _say(f"error: {exc}", err=True)
+        return 2
+    finally:
+        dist.close()
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Mean-field accuracy and deterministic FLOPs/parameters of a run's latest checkpoint."""
+    from .build import load_data
+    from .checkpoint import CheckpointError, baseline_spec_of
+    from .data import make_loader
+    from .distributed import init_distributed
+    from .evaluation import evaluate
     from .objective import CostMeter
-    from .train import evaluate, load_data, load_run, make_loader, resolve_device
+    from .train import load_run
 
+    dist = init_distributed(args.device)  # under torchrun: every process evaluates its part of each batch
     try:
-        cfg, model, ckpt = load_run(args.run, device=args.device)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    data = load_data(cfg)
-    split = data.test if args.split == "test" else data.train
-    device = resolve_device(args.device)
-    loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device)
-    loss, acc = evaluate(model, loader, device)
+        device = dist.device(args.device)
+        try:
+            cfg, model, ckpt = load_run(args.run, device=device)
+        except CheckpointError as exc:
+            _say(f"error: {exc}", err=True)
+            return 2
+        data = load_data(cfg)
+        split = data.test if args.split == "test" else data.train
+        loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device,
+                             rank=dist.rank, world_size=dist.world_size)
+        loss, acc = evaluate(model, loader, device, all_reduce=dist.all_reduce_sum if dist.active else None)
+    finally:
+        dist.close()
+    if not math.isfinite(loss):
+        _say(f"error: {args.run}: the {args.split} loss of the checkpoint's network is not finite ({loss}); "
+             "its outputs overflow", err=True)
+        return 1
     spec = model.spec()
-    from .train import build_network
-
-    baseline = build_network(cfg, data.num_classes, tuple(data.input_shape), device="meta").spec()
-    meter = CostMeter(baseline)
+    meter = CostMeter(baseline_spec_of(ckpt, cfg))
     flops, params = meter.deterministic(spec)
     fpr, ppr = meter.ratios(spec)
+    if dist.rank != 0:
+        return 0
     record = {
         "run": str(args.run), "split": args.split, "epoch": ckpt["progress"]["epoch"], "loss": loss, "accuracy": acc,
         "flops": flops, "params": params, "fPR": fpr, "pPR": ppr, "layers": spec.depth,
@@ -150,15 +214,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """The deterministic network of a run (θ folded into the weights), written by ``pruning.export``."""
+    from .checkpoint import CheckpointError
     from .train import export_run, load_run
 
     try:
         cfg, model, _ = load_run(args.run)
-    except FileNotFoundError as exc:
+    except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
-    written = export_run(model, out)
+    written = export_run(model, out, onnx=args.onnx or cfg.export.onnx)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
@@ -175,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a configuration value, e.g. --set objective.gamma=0.5 (repeatable)")
     p.add_argument("--out", help="run directory (default: train.out_dir or runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (mid-epoch ones at the exact batch; "
+                        "also with another number of torchrun processes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run in --out over (removes that run's files; refuses a folder that is not a run)")
     p.add_argument("--audit", action="store_true",
                    help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
                         "reports how many recover (premature-pruning rate) and how many were certified")
@@ -183,15 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy and FLOPs of a run's latest checkpoint (mean-field network)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="under torchrun every process evaluates its part of the split (cuda: one GPU per process)")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("export", help="export a run's deterministic network (θ folded into the weights)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--out", help="export directory (default: <run>/<export.dir>)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (needs the onnx extra: pip install '.[onnx]'; else a notice)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("flops", help="baseline FLOPs (conv+linear MACs) and parameters of an architecture")
-    p.add_argument("--model", required=True, choices=sorted(ARCHITECTURES), help="architecture name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture name")
+    which.add_argument("--spec", metavar="FILE", help="a spec file (.toml or .json, format: theory/spec.py)")
     p.add_argument("--per-layer", action="store_true", help="also list FLOPs and parameters per layer")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.set_defaults(func=cmd_flops)
@@ -201,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command line, for provenance.json
     return int(args.func(args))
 
 

@@ -26,10 +26,20 @@ Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` sliced, ``step`` kept) and
 returns a :class:`PruneEvent` describing what left the network.
 
 A note on BatchNorm.  The theory's ``W_2`` has no bias, so a block whose units
-are all off contributes exactly 0.  With a BatchNorm after the last path layer
-the branch of such a block still outputs the BN shift (``β − γμ/σ`` in eval
-mode); replacing the block by its shortcut drops that constant.  Its norm is
-recorded in :attr:`BlockRemoval.bn_shift_norm` for the audit.  Output gates
+are all off contributes exactly 0.  With BatchNorm the path of such a block
+still outputs a constant in eval mode, and replacing the block by its shortcut
+drops it (:func:`dropped_constant`).  When the *last* inner layer ``j = M − 1``
+is dead, the next (last) layer sees 0 and the constant is the last BN's shift
+``β − γμ/σ``.  When an earlier layer dies — the first of an ``M = 2`` bottleneck —
+the layers after it see constants: layer ``j + 1`` outputs ``s = BN(b)``
+(its shift, plus its bias if any), its activation and mean-field gate give
+``h = θ ⊙ f(s)``, and the last layer outputs ``γ (W̄ h + b − μ)/σ + β`` with
+``W̄`` the weight summed over its kernel — so the dropped constant is the last
+shift *plus* ``γ W̄ h / σ``, which the last BN shift alone misses.  Its norm (per
+channel; exact for 1×1 last layers as in bottlenecks, the interior value
+otherwise) is recorded in :attr:`BlockRemoval.bn_shift_norm` for the audit.
+In train mode BatchNorm would normalise a constant away (only ``β`` remains);
+the record is the eval-mode constant, what evaluation and export see.  Output gates
 ``ξ_2`` of the residual MLP are never removed (the identity skips tie those
 features through the whole network).
 """
@@ -174,7 +184,7 @@ class BlockRemoval:
     fan_in_norm: float  # ||W_1||
     fan_out_norm: float  # ||W_{M+1}||
     weight_norm: float  # sqrt(Σ ||W_j||²), the ||W|| of Theorem 5.1
-    bn_shift_norm: float | None  # ||β − γμ/σ|| of the last path BN (the eval-mode constant dropped)
+    bn_shift_norm: float | None  # ||c||: the eval-mode constant the dead path outputs (dropped_constant)
 
 
 @dataclass
@@ -287,14 +297,56 @@ def _norm(*tensors: Tensor | None) -> float:
     return math.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in tensors if t is not None))
 
 
-def _bn_shift_norm(layer: WeightLayer) -> float | None:
+def _eval_affine(layer: WeightLayer, v: Tensor, *, gated: bool = True) -> Tensor:
+    """Per-channel output of ``layer`` in eval mode for a spatially constant input ``v`` (one value per channel).
+
+    ``op`` becomes ``W̄ v + b`` (``W̄`` summed over the kernel: exact away from zero-padded borders,
+    exact everywhere for 1×1 kernels and for ``v = 0``), then BN with running statistics, the
+    activation and the mean-field gate ``θ``.
+    """
+    w = layer.op.weight.detach().double()
+    w_bar = w.sum(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w
+    x = w_bar @ v
+    if layer.op.bias is not None:
+        x = x + layer.op.bias.detach().double()
     bn = layer.bn
-    if bn is None or bn.running_mean is None or bn.running_var is None:
+    if bn is not None:
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("BatchNorm without running statistics")
+        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(x)
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(x)
+        x = gamma * (x - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps) + beta
+    if layer.act is not None:
+        x = layer.act(x)
+    if gated and layer.gate is not None:
+        x = x * layer.gate.theta.detach().double()
+    return x
+
+
+def dropped_constant(path: Sequence[WeightLayer], dead: int | None = None) -> Tensor | None:
+    """The eval-mode constant (per output channel) a block's path outputs once inner layer ``dead`` is all off.
+
+    Layer ``dead``'s gated output is 0; the layers after it map constants to constants
+    (:func:`_eval_affine`).  ``dead = None`` (a block removed for ``θ_B``, no dead layer): the last inner
+    layer is taken as off, i.e. the last BN's shift ``β − γμ/σ`` (plus bias) — what remains when all
+    units of the block are off.  ``None`` when the path has no BatchNorm after the dead layer and no
+    bias (the constant is exactly 0 then, nothing is dropped) or no path.
+    """
+    if not path:
         return None
-    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_mean)
-    beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
-    shift = beta - gamma * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
-    return _norm(shift)
+    start = (len(path) - 2 if dead is None else dead) + 1
+    tail = list(path[max(start, 0):])
+    if not any(layer.bn is not None or layer.op.bias is not None for layer in tail):
+        return None
+    v = torch.zeros(tail[0].op.weight.shape[1], dtype=torch.float64, device=tail[0].op.weight.device)
+    for layer in tail[:-1]:
+        v = _eval_affine(layer, v)
+    return _eval_affine(tail[-1], v, gated=False)  # the path's output, before ξ_B
+
+
+def _bn_shift_norm(path: Sequence[WeightLayer], dead: int | None) -> float | None:
+    c = dropped_constant(path, dead)
+    return None if c is None else _norm(c)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,7 +377,8 @@ def prune(
         block = bgroup.module
         theta_B = None if bgroup.gate is None else float(bgroup.gate.theta.detach())
         unit_thetas = [None if u.gate is None else u.gate.theta.detach() for u in bgroup.units]
-        dead_layer = any(t is not None and bool((t < eps).all()) for t in unit_thetas)
+        dead = [j for j, t in enumerate(unit_thetas) if t is not None and bool((t < eps).all())]
+        dead_layer = bool(dead)
         if (theta_B is not None and theta_B < eps) or dead_layer:
             path = block.layers()
             norms = tuple(_norm(layer.op.weight, layer.op.bias) for layer in path)
@@ -340,7 +393,7 @@ def prune(
                     fan_in_norm=norms[0],
                     fan_out_norm=norms[-1],
                     weight_norm=math.sqrt(sum(n * n for n in norms)),
-                    bn_shift_norm=_bn_shift_norm(path[-1]),
+                    bn_shift_norm=_bn_shift_norm(path, dead[-1] if dead else None),
                 )
             )
             dead_blocks.append(bgroup)
@@ -394,5 +447,6 @@ __all__ = [
     "UnitGroup",
     "UnitRemoval",
     "dependency_groups",
+    "dropped_constant",
     "prune",
 ]

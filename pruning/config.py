@@ -21,6 +21,7 @@ Algorithm 1 step 4; ``epochs >= 1``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -42,15 +43,29 @@ SCHEDULES = ("cosine", "cosine-restarts", "step", "constant")
 OPTIMIZERS = ("sgd-adam", "plain-sgd")
 
 #: Architectures of ``pruning.models.build_model`` and the keyword arguments each accepts in ``[model.kwargs]``
-#: (with the TOML types allowed).  Missing shape arguments are filled in from the data set by the trainer.
-ARCH_KWARGS: dict[str, dict[str, tuple[type, ...]]] = {
-    "residual_mlp": {"in_features": (int,), "hidden": (list,), "out_gated": (bool,), "activation": (str,)},
-    "resnet1d": {"stage_blocks": (list,), "widths": (list,), "length": (int,), "in_channels": (int,)},
+#: (with the TOML types allowed; ``list[int]`` checks every element).  Integers and list elements must be
+#: positive.  Missing shape arguments are filled in from the data set by the trainer.
+ARCH_KWARGS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "residual_mlp": {"in_features": (int,), "hidden": (list[int],), "out_gated": (bool,), "activation": (str,)},
+    "resnet1d": {"stage_blocks": (list[int],), "widths": (list[int],), "length": (int,), "in_channels": (int,)},
     "resnet20": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
     "resnet56": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
     "resnet110": {"width": (int,), "image_size": (int,), "in_channels": (int,)},
-    "resnet50": {"image_size": (int,)},
+    "resnet50": {"image_size": (int,), "in_channels": (int,), "width": (int,), "widen": (int,)},
+    "resnet18": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "resnet34": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "resnet101": {"image_size": (int,), "in_channels": (int,), "width": (int,), "widen": (int,)},
+    "resnet152": {"image_size": (int,), "in_channels": (int,), "width": (int,), "widen": (int,)},
+    "wide_resnet50_2": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "wide_resnet101_2": {"image_size": (int,), "in_channels": (int,), "width": (int,)},
+    "wrn": {"depth": (int,), "widen": (int,), "image_size": (int,), "in_channels": (int,)},
+    # a network from a spec file (model.spec = "path.toml|json", theory.spec.load_spec)
+    "spec": {"activation": (str,)},
+    # a network given in Python (Trainer(cfg, out, model=net)); rebuilt from the spec its checkpoint carries
+    "custom": {},
 }
+#: Suffixes of a spec file (``model.spec``).
+SPEC_SUFFIXES = (".toml", ".json")
 
 
 class ConfigError(ValueError):
@@ -81,13 +96,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``[model]``: ``pruning.models.build_model(arch, mode=, estimator=, theta_init=, **kwargs)``."""
+    """``[model]``: ``pruning.models.build_model(arch, mode=, estimator=, theta_init=, **kwargs)``.
+
+    ``arch = "spec"`` builds the network a spec file describes (``spec = "path/net.toml"`` or ``.json``,
+    relative to the working directory; format: :mod:`theory.spec`); ``arch = "custom"`` marks a
+    network given in Python (``Trainer(cfg, out, model=net)``), rebuilt from its checkpoint.
+    """
 
     arch: str = "resnet1d"
     mode: str = "combined"
     estimator: str = "straight-through"
     theta_init: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: str = ""  # the spec file of arch = "spec"
 
 
 @dataclass(frozen=True)
@@ -154,14 +175,22 @@ class TrainConfig:
     audit: bool = False  # pruning audit mode: ε-rule flags structures but keeps them (pruning.audit)
     audit_window: int = 100  # iterations of the running max that estimates the Lemma-1 constant k
     audit_every: int = 4  # iterations between two observations of the Lemma-1 ratios (0 = no k estimate)
+    checkpoint_every: int = 0  # iterations between mid-epoch checkpoints (0 = only at epoch ends)
+    sync_bn: bool = False  # torchrun runs: BatchNorm statistics over the global batch (pruning.syncbn)
+    dist_timeout_s: float = 600.0  # torchrun runs: a collective waiting longer than this fails the run
+    sync_check_every: int = 0  # torchrun runs: compare parameter digests across processes every k steps (0 = off)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """``[export]``: write the deterministic network (θ folded into the weights) at the end of a run."""
+    """``[export]``: write the deterministic network (θ folded into the weights) at the end of a run.
+
+    ``onnx = true`` also writes ``model.onnx`` (needs the ``onnx`` extra; without it a notice and no file).
+    """
 
     enabled: bool = True
     dir: str = "export"
+    onnx: bool = False
 
 
 @dataclass(frozen=True)
@@ -238,7 +267,25 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
         return True, out
     if origin is dict or tp is dict:
         return isinstance(value, dict), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
     return True, value
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``" (did you mean 'seed'?)"`` when a choice is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _value_error(name: str, value: Any, tp: Any) -> str:
+    """``name: expected <type>, got ...``, naming the first bad element of a list."""
+    if typing.get_origin(tp) is list and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            if not _check_type(v, item)[0]:
+                return f"{name}[{i}]: expected {_describe(item)}, got {type(v).__name__} {v!r} (in {value!r})"
+    return f"{name}: expected {_describe(tp)}, got {type(value).__name__} {value!r}"
 
 
 def _describe(tp: Any) -> str:
@@ -265,8 +312,9 @@ def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
         attr = _ATTR_NAME.get(key, key)
         name = f"{path}.{key}" if path else key
         if attr not in fields or attr in _TOML_NAME and key == attr:
-            known = ", ".join(sorted(_TOML_NAME.get(f, f) for f in fields))
-            errors.append(f"{name}: unknown {'key' if path else 'section'} (known: {known})")
+            names = sorted(_TOML_NAME.get(f, f) for f in fields)
+            errors.append(f"{name}: unknown {'key' if path else 'section'}{did_you_mean(key, names)} "
+                          f"(known: {', '.join(names)})")
             continue
         tp = hints[attr]
         if dataclasses.is_dataclass(tp):
@@ -274,7 +322,7 @@ def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
             continue
         ok, converted = _check_type(value, tp)
         if not ok:
-            errors.append(f"{name}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+            errors.append(_value_error(name, value, tp))
             continue
         kwargs[attr] = converted
     return cls(**kwargs)
@@ -303,14 +351,13 @@ def _range_errors(cfg: RunConfig) -> list[str]:
          m.estimator)
     need(finite(m.theta_init) and 0.0 <= m.theta_init <= 1.0, "model.theta_init", "must lie in [0, 1]", m.theta_init)
     if m.arch in ARCH_KWARGS:
-        allowed = ARCH_KWARGS[m.arch]
-        for key, value in m.kwargs.items():
-            if key not in allowed:
-                errors.append(f"model.kwargs.{key}: unknown argument for arch {m.arch!r} "
-                              f"(known: {', '.join(allowed) or 'none'})")
-            elif isinstance(value, bool) and bool not in allowed[key] or not isinstance(value, allowed[key]):
-                errors.append(f"model.kwargs.{key}: expected {'/'.join(_describe(a) for a in allowed[key])}, "
-                              f"got {type(value).__name__} {value!r}")
+        errors += _kwargs_errors(m.arch, m.kwargs)
+    errors += _data_option_errors(d)
+    if m.arch == "spec":
+        need(Path(m.spec).suffix in SPEC_SUFFIXES, "model.spec",
+             f"arch 'spec' needs the path of a spec file ending in {' or '.join(SPEC_SUFFIXES)}", m.spec)
+    else:
+        need(not m.spec, "model.spec", "is used only with model.arch = \"spec\"", m.spec)
     need(finite(o.gamma) and o.gamma > 0, "objective.gamma", "must be > 0", o.gamma)
     need(finite(o.rho) and 0.0 <= o.rho <= 1.0, "objective.rho", "must lie in [0, 1]", o.rho)
     need(finite(o.delta) and o.delta >= 0, "objective.delta", "must be >= 0", o.delta)
@@ -343,7 +390,58 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     need(t.audit_window >= 1, "train.audit_window", "must be >= 1 (iterations)", t.audit_window)
     need(t.audit_every >= 0, "train.audit_every", "must be >= 0 (iterations; 0 = no Lemma-1 estimate)", t.audit_every)
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (iterations; 0 = epoch ends only)",
+         t.checkpoint_every)
+    need(finite(t.dist_timeout_s) and t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0 (seconds)",
+         t.dist_timeout_s)
+    need(t.sync_check_every >= 0, "train.sync_check_every", "must be >= 0 (iterations; 0 = off)", t.sync_check_every)
     need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
+    return errors
+
+
+def _kwargs_errors(arch: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """``[model.kwargs]`` against :data:`ARCH_KWARGS`: names, types (every list element), positive sizes."""
+    errors: list[str] = []
+    allowed = ARCH_KWARGS[arch]
+    for key, value in kwargs.items():
+        name = f"model.kwargs.{key}"
+        if key not in allowed:
+            errors.append(f"{name}: unknown argument for arch {arch!r}{did_you_mean(key, list(allowed))} "
+                          f"(known: {', '.join(allowed) or 'none'})")
+            continue
+        if not any(_check_type(value, tp)[0] for tp in allowed[key]):
+            errors.append(_value_error(name, value, allowed[key][0]) if len(allowed[key]) == 1 else
+                          f"{name}: expected {' or '.join(_describe(a) for a in allowed[key])}, "
+                          f"got {type(value).__name__} {value!r}")
+            continue
+        sizes = value if isinstance(value, list) else [value] if type(value) is int else []
+        if any(v < 1 for v in sizes) or isinstance(value, list) and not value:
+            errors.append(f"{name}: must be {'a non-empty list of ' if isinstance(value, list) else ''}"
+                          f"positive integer{'s' if isinstance(value, list) else ''}, got {value!r}")
+    if arch == "resnet1d" and isinstance(kwargs.get("widths"), list) and isinstance(kwargs.get("stage_blocks"), list) \
+            and len(kwargs["widths"]) != len(kwargs["stage_blocks"]):
+        errors.append(f"model.kwargs.widths: needs one width per stage (stage_blocks has {len(kwargs['stage_blocks'])} "
+                      f"entries), got {kwargs['widths']!r}")
+    return errors
+
+
+def _data_option_errors(d: DataConfig) -> list[str]:
+    """``[data.options]`` against the keyword options of the dataset's loader (names with "did you mean", types)."""
+    if d.name not in DATASETS:
+        return []
+    from .data import dataset_options  # the loaders' own signatures: one description of what each accepts
+
+    accepted = dataset_options(d.name)
+    if accepted is None:  # the loader takes any keyword
+        return []
+    errors: list[str] = []
+    for key, value in d.options.items():
+        name = f"data.options.{key}"
+        if key not in accepted:
+            errors.append(f"{name}: unknown option for dataset {d.name!r}{did_you_mean(key, list(accepted))} "
+                          f"(known: {', '.join(accepted) or 'none'})")
+        elif not _check_type(value, accepted[key])[0]:
+            errors.append(_value_error(name, value, accepted[key]))
     return errors
 
 
@@ -403,9 +501,21 @@ def _deepcopy(x: Any) -> Any:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> RunConfig:
-    """Read a TOML file (``None``: ``base`` or the embedded default), apply overrides, validate everything at once."""
+    """Read a TOML file (``None``: ``base`` or the embedded default), apply overrides, validate everything at once.
+
+    ``check_files``: also read the files the configuration names (``model.spec``); off for a resumed
+    run, whose checkpoint carries the network.
+
+    >>> cfg = load_config(None, ["model.arch=resnet20", "data.name=cifar10", "objective.gamma=0.1"])
+    >>> cfg.model.arch, cfg.objective.gamma
+    ('resnet20', 0.1)
+    """
     errors: list[str] = []
     raw: dict[str, Any] = _deepcopy(dict(base)) if base is not None else {}
     source = ""
@@ -415,17 +525,40 @@ def load_config(
             with open(path, "rb") as fh:
                 raw = tomllib.load(fh)
         except FileNotFoundError:
-            raise ConfigError([f"{path}: no such file"], source) from None
+            raise ConfigError([f"--config {path}: no such file"], source) from None
+        except IsADirectoryError:
+            raise ConfigError([f"--config {path}: is a folder, not a TOML file"], source) from None
+        except PermissionError:
+            raise ConfigError([f"--config {path}: not readable (permission denied)"], source) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"--config {path}: not a TOML file (not UTF-8 text)"], source) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: TOML syntax error: {exc}"], source) from None
+            raise ConfigError([f"--config {path}: TOML syntax error: {exc}"], source) from None
+        except OSError as exc:
+            raise ConfigError([f"--config {path}: cannot be read ({exc.strerror or exc})"], source) from None
     raw = apply_overrides(raw, overrides, errors)
     try:
         cfg = from_dict(raw, source=source)
     except ConfigError as exc:
         raise ConfigError(errors + exc.errors, source) from None
+    if check_files:
+        errors += _file_errors(cfg)
     if errors:
         raise ConfigError(errors, source)
     return cfg
+
+
+def _file_errors(cfg: RunConfig) -> list[str]:
+    """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read)."""
+    if cfg.model.arch != "spec":
+        return []
+    from theory.spec import load_spec
+
+    try:
+        load_spec(cfg.model.spec)
+    except ValueError as exc:
+        return [f"model.spec: {exc}"]
+    return []
 
 
 def to_toml(cfg: RunConfig) -> str:

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
 import pickle
 import random
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ __all__ = [
     "RandomCropFlip",
     "WorkerLoader",
     "center_crop_params",
+    "dataset_options",
     "default_root",
     "load_cifar10",
     "load_cifar100",
@@ -78,6 +81,9 @@ __all__ = [
     "random_crop",
     "random_hflip",
     "random_resized_crop_params",
+    "Shard",
+    "derive_seed",
+    "shard_bounds",
 ]
 
 ENV_DATA_ROOT = "PRUNING_DATA"
@@ -144,6 +150,9 @@ _STREAM_ORDER = 0  # permutation of an epoch
 _STREAM_BATCH_AUG = 1  # augmentation of one in-memory batch
 _STREAM_SAMPLE_AUG = 2  # per-sample augmentation seeds of an epoch (lazy datasets)
 
+#: ``(lo, hi, total)``: rows ``lo:hi`` of a batch of ``total`` rows (one process's part of a global batch)
+Shard = tuple[int, int, int]
+
 
 def _non_negative_int(value: int, what: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
@@ -157,6 +166,9 @@ def _derive_seed(*keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+derive_seed = _derive_seed  # public name: other seeded streams of a run (the gate samples) use the same mixing
+
+
 def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(_derive_seed(*keys))
 
@@ -166,25 +178,40 @@ def _generator(*keys: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------
 
 
-def random_crop(x: Tensor, padding: int, generator: torch.Generator, size: int | None = None) -> Tensor:
+def _draw_rows(shard: Shard | None, b: int) -> tuple[int, slice]:
+    """How many values to draw and which of them belong to ``x``'s rows (all of them without a shard)."""
+    if shard is None:
+        return b, slice(0, b)
+    lo, hi, total = shard
+    if hi - lo != b or not 0 <= lo <= hi <= total:
+        raise ValueError(f"shard {shard} does not match a batch of {b} rows")
+    return total, slice(lo, hi)
+
+
+def random_crop(
+    x: Tensor, padding: int, generator: torch.Generator, size: int | None = None, *, shard: Shard | None = None
+) -> Tensor:
     """Crop every image of the batch ``x`` at its own random offset after zero-padding by ``padding``.
 
     Equivalent to torchvision's ``RandomCrop(size, padding)`` (constant fill 0) applied per sample;
     ``size`` defaults to the input's height and width, so the shape is kept. The offsets are drawn
     on the CPU from ``generator`` (two ``randint`` calls of length B), so the result depends only on
-    the generator's state, not on the device of ``x``.
+    the generator's state, not on the device of ``x``. ``shard=(lo, hi, total)``: ``x`` holds rows
+    ``lo:hi`` of a batch of ``total`` rows; the offsets are drawn for the whole batch and those rows
+    kept, so each sample gets the crop it gets in the unsharded batch.
     """
     if x.dim() != 4:
         raise ValueError(f"random_crop expects a batch (B, C, H, W), got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
+    draws, rows_of_x = _draw_rows(shard, b)
     out_h = h if size is None else size
     out_w = w if size is None else size
     if out_h > h + 2 * padding or out_w > w + 2 * padding:
         raise ValueError(f"crop {out_h}x{out_w} larger than the padded {h}x{w} image (padding {padding})")
     padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
     padded_h, padded_w = h + 2 * padding, w + 2 * padding
-    top = torch.randint(0, padded_h - out_h + 1, (b,), generator=generator).to(x.device)
-    left = torch.randint(0, padded_w - out_w + 1, (b,), generator=generator).to(x.device)
+    top = torch.randint(0, padded_h - out_h + 1, (draws,), generator=generator)[rows_of_x].to(x.device)
+    left = torch.randint(0, padded_w - out_w + 1, (draws,), generator=generator)[rows_of_x].to(x.device)
     rows = top[:, None] + torch.arange(out_h, device=x.device)  # (B, out_h)
     cols = left[:, None] + torch.arange(out_w, device=x.device)  # (B, out_w)
     # one gather over the flattened padded images (much faster than 4-d advanced indexing)
@@ -192,9 +219,13 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator, size: int |
     return padded.reshape(b, c, padded_h * padded_w).gather(2, flat).reshape(b, c, out_h, out_w)
 
 
-def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
-    """Mirror each image of the batch ``x`` left-right with probability ``p`` (one CPU ``rand`` of length B)."""
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5, *, shard: Shard | None = None) -> Tensor:
+    """Mirror each image of the batch ``x`` left-right with probability ``p`` (one CPU ``rand`` of length B).
+
+    ``shard``: as in :func:`random_crop`.
+    """
+    draws, rows_of_x = _draw_rows(shard, x.shape[0])
+    flip = (torch.rand(draws, generator=generator)[rows_of_x] < p).to(x.device)
     return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
@@ -204,12 +235,14 @@ class RandomCropFlip:
 
     padding: int = 4
     flip: bool = True
+    #: accepts ``shard=`` (rows of a larger batch; see :func:`random_crop`)
+    shardable = True
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator, *, shard: Shard | None = None) -> Tensor:
         if self.padding:
-            x = random_crop(x, self.padding, generator)
+            x = random_crop(x, self.padding, generator, shard=shard)
         if self.flip:
-            x = random_hflip(x, generator)
+            x = random_hflip(x, generator, shard=shard)
         return x
 
 
@@ -272,12 +305,29 @@ class InMemoryDataset(Dataset):
         shift = (self.mean / self.std).to(x.device).view(shape)
         return x * scale - shift
 
-    def batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """The prepared batch at ``indices``; augmented with ``generator`` when one is given and ``augment`` is set."""
-        raw = self.inputs[indices]
+    def batch(
+        self, indices: Tensor, generator: torch.Generator | None = None, *, shard: tuple[int, int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The prepared batch at ``indices``; augmented with ``generator`` when one is given and ``augment`` is set.
+
+        ``shard=(lo, hi)``: only rows ``lo:hi`` of that batch, augmented exactly as they are in the
+        whole batch (the random draws are made for the whole batch; an ``augment`` without
+        ``shardable`` support augments the whole batch and the rows are taken from it).
+        """
+        if shard is None:
+            raw = self.inputs[indices]
+            if generator is not None and self.augment is not None:
+                raw = self.augment(raw, generator)
+            return self.prepare(raw), self.targets[indices]
+        lo, hi = shard
+        mine = indices[lo:hi]
+        raw = self.inputs[mine]
         if generator is not None and self.augment is not None:
-            raw = self.augment(raw, generator)
-        return self.prepare(raw), self.targets[indices]
+            if getattr(self.augment, "shardable", False):
+                raw = self.augment(raw, generator, shard=(lo, hi, int(indices.shape[0])))
+            else:
+                raw = self.augment(self.inputs[indices], generator)[lo:hi]
+        return self.prepare(raw), self.targets[mine]
 
     def _with(self, inputs: Tensor, targets: Tensor) -> InMemoryDataset:
         return InMemoryDataset(
@@ -814,6 +864,19 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
 }
 
 
+def dataset_options(name: str) -> dict[str, Any] | None:
+    """The keyword options ``load_dataset(name, root, **options)`` accepts, with their annotated types.
+
+    Read off the loader's signature (its keyword-only parameters); ``None`` when it takes any keyword.
+    """
+    fn = DATASETS[name.lower().replace("-", "").replace("_", "")]
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    hints = typing.get_type_hints(fn)
+    return {p.name: hints.get(p.name, Any) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **options: Any) -> DataSplits:
     """Load the dataset ``name`` (one of :data:`DATASETS`; case, '-' and '_' ignored) from ``root``.
 
@@ -829,6 +892,14 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **option
 # --------------------------------------------------------------------------------------------
 # loaders
 # --------------------------------------------------------------------------------------------
+
+
+def shard_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``lo:hi`` of a batch of ``rows`` rows that process ``rank`` of ``world_size`` takes.
+
+    Consecutive, disjoint, covering the batch; equal parts when ``world_size`` divides ``rows``.
+    """
+    return rows * rank // world_size, rows * (rank + 1) // world_size
 
 
 def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> Tensor:
@@ -847,17 +918,35 @@ class EpochLoader:
     loader.set_epoch(e); for batch in loader`` and plain repeated iteration see epochs 0, 1, 2, ...
     :meth:`iter_epoch` gives any epoch from any batch on (to resume mid-epoch) without touching
     :attr:`epoch`.
+
+    Data-parallel runs: with ``world_size`` processes, ``batch_size`` is the *global* batch and
+    process ``rank`` gets its disjoint part of every global batch (:func:`shard_bounds`), with the
+    augmentation that part gets in the whole batch; the order stays a function of ``(seed, epoch)``,
+    so the processes together see exactly the batches one process would see. ``len()`` counts
+    global batches. A train loader (``drop_last``) needs ``batch_size`` divisible by ``world_size``
+    (equal parts); an eval loader skips a process's empty part of a short last batch.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, *, train: bool, seed: int, drop_last: bool, epoch: int) -> None:
+    def __init__(
+        self, dataset: Any, batch_size: int, *, train: bool, seed: int, drop_last: bool, epoch: int,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+        if drop_last and batch_size % world_size:
+            raise ValueError(
+                f"the global batch size {batch_size} does not divide by the world size {world_size} "
+                f"(number of processes); choose a batch size that is a multiple of {world_size}"
+            )
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.train = bool(train)
         self.seed = _non_negative_int(seed)
         self.drop_last = bool(drop_last)
         self.epoch = _non_negative_int(epoch, "epoch")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield epoch ``epoch``."""
@@ -904,7 +993,13 @@ class InMemoryLoader(EpochLoader):
         augment = self.train and data.augment is not None
         for k in range(start_batch, len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
-            yield data.batch(idx, _generator(self.seed, epoch, k, _STREAM_BATCH_AUG) if augment else None)
+            gen = _generator(self.seed, epoch, k, _STREAM_BATCH_AUG) if augment else None
+            if self.world_size == 1:
+                yield data.batch(idx, gen)
+                continue
+            lo, hi = shard_bounds(int(idx.shape[0]), self.rank, self.world_size)
+            if hi > lo:
+                yield data.batch(idx, gen, shard=(lo, hi))
 
 
 class _EpochBatchSampler(Sampler[list[Any]]):
@@ -914,24 +1009,33 @@ class _EpochBatchSampler(Sampler[list[Any]]):
     persistent workers to the garbage collector, whose shutdown of them waits for time-outs.
     """
 
-    def __init__(self, n: int, batch_size: int, num_batches: int, *, train: bool, seed: int, sample_seeds: bool):
+    def __init__(self, n: int, batch_size: int, num_batches: int, *, train: bool, seed: int, sample_seeds: bool,
+                 rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.num_batches = n, batch_size, num_batches
         self.train, self.seed, self.sample_seeds = train, seed, sample_seeds
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start_batch = 0
 
+    def _positions(self, k: int) -> range:
+        """Positions in the epoch order of this process's part of global batch ``k``."""
+        start, stop = k * self.batch_size, min((k + 1) * self.batch_size, self.n)
+        lo, hi = shard_bounds(stop - start, self.rank, self.world_size)
+        return range(start + lo, start + hi)
+
     def __len__(self) -> int:
-        return max(self.num_batches - self.start_batch, 0)
+        return sum(1 for k in range(self.start_batch, self.num_batches) if len(self._positions(k)))
 
     def __iter__(self) -> Iterator[list[Any]]:
-        bs = self.batch_size
         order = _epoch_order(self.n, self.train, self.seed, self.epoch).tolist()
         seeds: list[int] | None = None
         if self.train and self.sample_seeds:
             gen = _generator(self.seed, self.epoch, _STREAM_SAMPLE_AUG)
             seeds = torch.randint(0, 2**62, (self.n,), generator=gen).tolist()
         for k in range(self.start_batch, self.num_batches):
-            positions = range(k * bs, min((k + 1) * bs, self.n))
+            positions = self._positions(k)
+            if not positions:
+                continue
             yield [(order[p], seeds[p]) for p in positions] if seeds is not None else [order[p] for p in positions]
 
 
@@ -962,6 +1066,8 @@ class WorkerLoader(EpochLoader):
             train=self.train,
             seed=self.seed,
             sample_seeds=getattr(dataset, "accepts_sample_seed", False),
+            rank=self.rank,
+            world_size=self.world_size,
         )
         pin = self.device is not None and self.device.type == "cuda"
         self._loader = DataLoader(
@@ -991,6 +1097,8 @@ def make_loader(
     device: torch.device | str | None = None,
     drop_last: bool | None = None,
     epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> EpochLoader:
     """A deterministic, resumable batch iterator over ``dataset``.
 
@@ -1000,13 +1108,16 @@ def make_loader(
     :class:`WorkerLoader` over a ``DataLoader`` with ``num_workers`` workers. Batches are on
     ``device`` (default: where the data are). Call :meth:`EpochLoader.set_epoch` (or construct
     with ``epoch``) to resume at a given epoch. A ``torch.utils.data.Subset`` of these datasets is
-    turned into the dataset's own ``subset`` first (same batches, fast path kept).
+    turned into the dataset's own ``subset`` first (same batches, fast path kept). ``rank`` and
+    ``world_size``: this process's part of every (global) batch in a data-parallel run (see
+    :class:`EpochLoader`); ``num_workers`` are then per process.
     """
     # a torch Subset of one of our datasets becomes that dataset's own subset: the fast in-memory path and
     # seeded per-sample augmentation (which a Subset would not pass through) are kept
     if isinstance(dataset, Subset) and hasattr(dataset.dataset, "subset"):
         dataset = dataset.dataset.subset(list(dataset.indices))
-    common = {"train": train, "seed": seed, "drop_last": train if drop_last is None else drop_last, "epoch": epoch}
+    common = {"train": train, "seed": seed, "drop_last": train if drop_last is None else drop_last, "epoch": epoch,
+              "rank": rank, "world_size": world_size}
     if isinstance(dataset, InMemoryDataset):
         return InMemoryLoader(dataset, batch_size, device=device, **common)
     return WorkerLoader(dataset, batch_size, num_workers=num_workers, device=device, **common)

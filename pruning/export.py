@@ -18,17 +18,22 @@ adjacent weights:
 
 The result equals the mean-field model (eval mode, every ``ξ`` replaced by
 ``θ``) up to float rounding (tested).  :func:`save_export` writes its state
-dict, its spec and a ``torch.export`` program, each atomically.
+dict, its spec and a ``torch.export`` program — and, on request, an ONNX
+graph (:func:`save_onnx`, when the ``onnx`` extra is installed) — each
+atomically.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import logging
 import os
-from dataclasses import asdict
+import sys
+import warnings
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +64,7 @@ class DeterministicNetwork(nn.Module):
         super().__init__()
         self.name, self.input_shape, self.num_classes = model.name, model.input_shape, model.num_classes
         self.meta = model.meta
+        self.activation = model.activation
         self.stem, self.stem_pool = model.stem, model.stem_pool
         self.blocks, self.head = model.blocks, model.head
 
@@ -132,12 +138,18 @@ def export_deterministic(model: GatedNetwork, *, eps: float | None = None) -> De
 
 
 def save_export(
-    module: nn.Module, path_dir: str | os.PathLike[str], example_input: Tensor | None = None
+    module: nn.Module, path_dir: str | os.PathLike[str], example_input: Tensor | None = None, *, onnx: bool = False
 ) -> dict[str, Path]:
     """Write ``state_dict.pt``, ``model.pt2`` (a ``torch.export`` program, dynamic batch size) and
-    ``spec.json`` (when the module has ``spec()``) into ``path_dir``, each atomically (temp file +
-    ``os.replace``).  ``example_input`` defaults to zeros of shape ``(2, *module.input_shape)``.
+    ``spec.json`` (when the module has ``spec()``; :meth:`theory.NetworkSpec.to_dict`, readable with
+    :func:`theory.spec.load_spec`) into ``path_dir``, each atomically (temp file + ``os.replace``);
+    with ``onnx`` also ``model.onnx`` (:func:`save_onnx`; skipped with a notice when the ``onnx``
+    extra is missing).  ``example_input`` defaults to zeros of shape ``(2, *module.input_shape)``.
     Load the program with ``torch.export.load(path).module()``.  Returns the written paths.
+
+    >>> det = export_deterministic(model, eps=0.1)                              # doctest: +SKIP
+    >>> paths = save_export(det, "export", onnx=True)                           # doctest: +SKIP
+    >>> torch.export.load(paths["program"]).module()(x)                         # doctest: +SKIP
     """
     out_dir = Path(path_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +175,65 @@ def save_export(
     spec_fn = getattr(module, "spec", None)
     if callable(spec_fn):
         paths["spec"] = out_dir / "spec.json"
-        atomic_write_text(paths["spec"], json.dumps(asdict(spec_fn()), indent=1))
+        atomic_write_text(paths["spec"], json.dumps(spec_fn().to_dict(), indent=1))
+    if onnx:
+        written = save_onnx(program, out_dir / "model.onnx", example_input)
+        if written is not None:
+            paths["onnx"] = written
     return paths
 
 
-__all__ = ["ChannelScale", "DeterministicNetwork", "export_deterministic", "save_export"]
+#: Packages the ONNX export needs (the ``onnx`` extra of pyproject.toml).
+ONNX_PACKAGES = ("onnx", "onnxscript")
+
+
+def onnx_available() -> bool:
+    """Whether :func:`save_onnx` can run here (``onnx`` and ``onnxscript`` importable)."""
+    return all(importlib.util.find_spec(name) is not None for name in ONNX_PACKAGES)
+
+
+def save_onnx(
+    program: torch.export.ExportedProgram | nn.Module, path: str | os.PathLike[str], example_input: Tensor
+) -> Path | None:
+    """Write ``program`` (a ``torch.export`` program or an eval-mode module) as an ONNX graph, atomically.
+
+    Uses ``torch.onnx.export`` (the ``torch.export``-based exporter; batch size dynamic when the
+    program's is).  Without the ``onnx`` extra (``pip install '.[onnx]'``) prints a one-line notice
+    to stderr and returns ``None``.  Check it with onnxruntime::
+
+        session = onnxruntime.InferenceSession(str(path))
+        logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    """
+    if not onnx_available():
+        missing = [n for n in ONNX_PACKAGES if importlib.util.find_spec(n) is None]
+        print(f"notice: ONNX export skipped: {', '.join(missing)} not installed (pip install '.[onnx]')",
+              file=sys.stderr)
+        return None
+    target = Path(path)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar registry notes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            kwargs: dict[str, Any] = {"verbose": False}
+            if isinstance(program, nn.Module):
+                kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1)},)
+            onnx_program = torch.onnx.export(program, (example_input,), **kwargs)
+        assert onnx_program is not None
+        with atomic_path(target) as tmp:
+            onnx_program.save(str(tmp))
+    finally:
+        quiet.setLevel(level)
+    return target
+
+
+__all__ = [
+    "ChannelScale",
+    "DeterministicNetwork",
+    "export_deterministic",
+    "onnx_available",
+    "save_export",
+    "save_onnx",
+]

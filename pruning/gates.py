@@ -37,6 +37,9 @@ all its gates with one ``bernoulli`` call per forward pass
 (:func:`shared_sample`, used by :class:`pruning.models.GatedNetwork`): the same
 distribution (independent ``Bernoulli(θ_i)``), one random-number kernel
 instead of one per gate; a gate used outside such a pass draws its own.
+Samples come from torch's global generator, or from the generator set with
+:func:`sampling_generator` (the trainer gives every step of every process its
+own stream, derived from the seed, the process's rank and the step).
 
 ``θ`` is initialised to ``theta_init`` (default 1.0: the starting network is
 the full deterministic network; the seed's Table 1 value of the initial ``θ``
@@ -59,6 +62,20 @@ MODES = ("combined", "layer", "unit", "none")
 #: Estimators of ``∂E/∂θ`` (THEORY §5).
 ESTIMATORS = ("straight-through", "exact-difference")
 
+#: The generator every gate sample is drawn from (``None``: torch's global generator); see :func:`sampling_generator`.
+_GENERATOR: list[torch.Generator | None] = [None]
+
+
+@contextmanager
+def sampling_generator(generator: torch.Generator | None) -> Iterator[None]:
+    """Draw every gate sample inside the block from ``generator`` (on the gates' device)."""
+    previous = _GENERATOR[0]
+    _GENERATOR[0] = generator
+    try:
+        yield
+    finally:
+        _GENERATOR[0] = previous
+
 
 def check_choice(field: str, value: object, allowed: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``allowed``; else ``ValueError`` naming the field and the choices."""
@@ -75,6 +92,15 @@ def has_block_gates(mode: str) -> bool:
 def has_unit_gates(mode: str) -> bool:
     """``mode`` carries unit gates ``ξ_1`` (and ``ξ_2`` where present) ("combined", "unit")."""
     return check_choice("mode", mode, MODES) in ("combined", "unit")
+
+
+def _probability(theta: Tensor) -> Tensor:
+    """``θ`` clamped to ``[0, 1]`` for ``bernoulli``, a NaN read as 0 (detached).
+
+    ``θ`` is finite after every projected step unless the step diverged; the draw must not fail then,
+    because the divergence is reported by :mod:`pruning.guard` in the same step, after the forward pass.
+    """
+    return theta.detach().nan_to_num(0.0).clamp(0.0, 1.0)
 
 
 class StraightThrough(torch.autograd.Function):
@@ -111,7 +137,7 @@ class Gate(nn.Module):
     def draw(self) -> Tensor:
         """One sample ``ξ ~ Bernoulli(θ)`` (detached, float32, shape of ``θ``)."""
         with torch.no_grad():
-            return torch.bernoulli(self.theta.detach().clamp(0.0, 1.0))
+            return torch.bernoulli(_probability(self.theta), generator=_GENERATOR[0])
 
     def fix(self, value: Tensor | float | None) -> None:
         """Pin ``ξ`` to ``value`` (broadcast to ``θ``'s shape) in every mode; ``None`` releases it."""
@@ -204,7 +230,7 @@ def shared_sample(gates: Sequence[Gate]) -> Iterator[None]:
         if not st:
             flat = flat.detach()
         with torch.no_grad():
-            xi = torch.bernoulli(flat.detach().clamp(0.0, 1.0))
+            xi = torch.bernoulli(_probability(flat), generator=_GENERATOR[0])
         samples = xi.split(sizes)
         # straight-through: one autograd node for every gate (the identity to the concatenated θ)
         multipliers = StraightThrough.apply(flat, xi).split(sizes) if st else samples
@@ -245,5 +271,6 @@ __all__ = [
     "gate_modules",
     "has_block_gates",
     "has_unit_gates",
+    "sampling_generator",
     "shared_sample",
 ]

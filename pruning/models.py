@@ -26,8 +26,12 @@ Read top to bottom:
    (:func:`pruning.gates.shared_sample`).
 5. Builders — :func:`from_spec` instantiates any :class:`theory.NetworkSpec`;
    :func:`build_model` names ``residual_mlp``, ``resnet1d``,
-   ``resnet20/56/110`` (CIFAR) and ``resnet50`` (ImageNet bottleneck) and
-   takes their specs from :mod:`theory.architectures`.
+   ``resnet20/56/110`` (CIFAR), ``resnet18/34/50/101/152`` and
+   ``wide_resnet50_2/101_2`` (ImageNet, torchvision layout) and ``wrn`` (wide
+   ResNets for CIFAR) and takes their specs from :mod:`theory.architectures`.
+   Any other residual network: write its spec (a spec file,
+   :func:`theory.spec.load_spec`) or convert a torch module
+   (:func:`pruning.convert.gate`).
 
 The spec is the single description of an architecture: the network is built
 from it and ``model.spec()`` reads the same object back off the live tensors
@@ -50,6 +54,7 @@ from torch import Tensor, nn
 
 from theory import architectures
 from theory.complexity import BlockGates
+from theory.spec import STEM_POOLS as STEM_POOL_GEOMETRY
 from theory.spec import Block, Layer, NetworkSpec
 
 from .gates import (
@@ -64,9 +69,16 @@ from .gates import (
     has_unit_gates,
     shared_sample,
 )
+from .syncbn import batch_norm as _batch_norm  # BN with a given affine pair (synchronised when train.sync_bn)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
-ARCHS = ("residual_mlp", "resnet1d", "resnet20", "resnet56", "resnet110", "resnet50")
+ARCHS = ("residual_mlp", "resnet1d", "resnet20", "resnet56", "resnet110", "resnet50", "resnet18", "resnet34",
+         "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "wrn")
+#: Depth of each ImageNet-family arch of :data:`ARCHS` (``theory.architectures.resnet_imagenet``) and its ``widen``.
+IMAGENET_ARCHS: dict[str, tuple[int, int]] = {
+    "resnet18": (18, 1), "resnet34": (34, 1), "resnet50": (50, 1), "resnet101": (101, 1), "resnet152": (152, 1),
+    "wide_resnet50_2": (50, 2), "wide_resnet101_2": (101, 2),
+}
 
 # ------------------------------------------------------------------------------------------------
 # 1. One weight layer: op -> BN -> f -> ξ_1
@@ -184,23 +196,6 @@ class WeightLayer(nn.Module):
         )
 
 
-def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``bn(x)`` with the affine pair ``(weight, bias)`` instead of ``(bn.weight, bn.bias)``.
-
-    Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward`` (batch statistics in train mode,
-    running statistics and ``num_batches_tracked`` updated the same way).
-    """
-    bn._check_input_dim(x)
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        weight, bias, use_batch, factor, bn.eps)
-
-
 # ------------------------------------------------------------------------------------------------
 # 2. Shortcuts
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +249,7 @@ class ResidualBlock(nn.Module):
         out_act: nn.Module | None = None,
         out_gate: UnitGate | None = None,
         out_gated: bool = False,
+        gated: bool = True,
     ) -> None:
         super().__init__()
         self.in_width, self.out_width = in_width, out_width
@@ -264,6 +260,7 @@ class ResidualBlock(nn.Module):
         self.out_act = out_act
         self.out_gate = out_gate
         self.out_gated = out_gated  # structural: the spec's out_gated (gates present only in unit modes)
+        self.gated = gated  # structural: the spec's gated, a block with ξ_B (present only in block modes)
 
     @property
     def alive(self) -> bool:
@@ -334,7 +331,7 @@ class ResidualBlock(nn.Module):
             shortcut=self.shortcut_kind,  # type: ignore[arg-type]
             shortcut_layer=shortcut_layer,
             out_size=self.out_size,
-            gated=True,
+            gated=self.gated,
             out_gated=self.out_gated,
             out_act=self.out_act is not None,
             name=self.name,
@@ -348,6 +345,9 @@ class ResidualBlock(nn.Module):
 
 class GatedNetwork(nn.Module):
     """``stem -> blocks -> head`` with Bernoulli gates; the trainer's whole interface (see module doc)."""
+
+    #: The activation ``f``/``g`` of the layers (a key of :data:`ACTIVATIONS`; set by :func:`from_spec`).
+    activation: str = "relu"
 
     def __init__(
         self,
@@ -629,7 +629,13 @@ def _init_convs(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-STEM_POOLS: dict[str, Callable[[], nn.Module]] = {"max3x3s2": lambda: nn.MaxPool2d(3, stride=2, padding=1)}
+#: The torch module of each stem pooling a spec may name (geometry: :data:`theory.spec.STEM_POOLS`).
+STEM_POOLS: dict[str, Callable[[], nn.Module]] = {
+    name: (lambda k=k, st=st: nn.MaxPool2d(k, stride=st, padding=k // 2))
+    for name, (k, st) in STEM_POOL_GEOMETRY.items()
+}
+#: ``spec.meta`` keys that set every BatchNorm's ``eps``/``momentum`` (absent: torch's defaults 1e-5, 0.1).
+BN_META = ("bn_eps", "bn_momentum")
 
 
 def from_spec(
@@ -648,7 +654,14 @@ def from_spec(
     ``M`` path layers of a block get unit gates ``ξ_1``, gated blocks a block
     gate ``ξ_B``, ``out_gated`` blocks output gates ``ξ_2``; shortcuts follow
     ``shortcut`` (identity, option-A zero padding, projection layer).  The
-    spec's ``meta`` may name a stem pooling (``stem_pool``).
+    spec's ``meta`` may name a stem pooling (``stem_pool``) and the BatchNorm
+    ``bn_eps``/``bn_momentum``.  ``model.spec()`` returns ``spec`` again.
+
+    >>> from theory.architectures import resnet_cifar
+    >>> spec = resnet_cifar(20, width=4, image_size=8)
+    >>> net = from_spec(spec, mode="combined", estimator="straight-through", theta_init=1.0)
+    >>> net.spec() == spec, len(net.gates())
+    (True, 18)
     """
     check_choice("activation", activation, tuple(ACTIVATIONS))
     act = ACTIVATIONS[activation]
@@ -680,7 +693,7 @@ def from_spec(
                 block_gate=_block_gate(mode, estimator, theta_init) if b.gated else None,
                 out_act=act() if b.out_act else None,
                 out_gate=_unit_gate(b.out_width, mode, estimator, theta_init) if b.out_gated else None,
-                out_gated=b.out_gated,
+                out_gated=b.out_gated, gated=b.gated,
             )
         )
     meta = dict(spec.meta)
@@ -692,6 +705,16 @@ def from_spec(
         [weight_layer(layer) for layer in spec.head], spec.num_classes, mode=mode, estimator=estimator,
         stem_pool=STEM_POOLS[str(pool)]() if pool is not None else None, meta=spec.meta,
     )
+    bn_settings = {key[3:]: meta[key] for key in BN_META if key in meta}
+    for key, value in bn_settings.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"spec.meta bn_{key} must be a number in (0, 1), got {value!r}")
+    if bn_settings:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for key, value in bn_settings.items():
+                    setattr(m, key, float(value))
+    model.activation = activation
     _init_convs(model)
     return model
 
@@ -706,8 +729,13 @@ def _arch_spec(arch: str, num_classes: int, kw: dict[str, Any]) -> NetworkSpec:
         )
     if arch == "resnet1d":
         return architectures.resnet1d(num_classes=num_classes, **kw)
-    if arch == "resnet50":
-        return architectures.resnet50(num_classes=num_classes, **kw)
+    if arch in IMAGENET_ARCHS:
+        depth, widen = IMAGENET_ARCHS[arch]
+        if widen != 1:
+            kw = {**kw, "widen": widen}
+        return architectures.resnet_imagenet(depth, num_classes, name=arch if widen != 1 else None, **kw)
+    if arch == "wrn":
+        return architectures.wide_resnet_cifar(num_classes=num_classes, **kw)
     return architectures.resnet_cifar(int(arch[len("resnet"):]), num_classes=num_classes, **kw)
 
 
@@ -717,7 +745,14 @@ _ARCH_KWARGS: dict[str, tuple[str, ...]] = {
     "resnet20": ("width", "image_size", "in_channels"),
     "resnet56": ("width", "image_size", "in_channels"),
     "resnet110": ("width", "image_size", "in_channels"),
-    "resnet50": ("image_size",),
+    "resnet18": ("image_size", "in_channels", "width"),
+    "resnet34": ("image_size", "in_channels", "width"),
+    "resnet50": ("image_size", "in_channels", "width", "widen"),
+    "resnet101": ("image_size", "in_channels", "width", "widen"),
+    "resnet152": ("image_size", "in_channels", "width", "widen"),
+    "wide_resnet50_2": ("image_size", "in_channels", "width"),
+    "wide_resnet101_2": ("image_size", "in_channels", "width"),
+    "wrn": ("depth", "widen", "image_size", "in_channels"),
 }
 _TORCH_ONLY_KWARGS = ("activation",)
 
@@ -732,13 +767,23 @@ def build_model(
     device: torch.device | str | None = None,
     **arch_kwargs: Any,
 ) -> GatedNetwork:
-    """Build a gated network.
+    """Build a gated network by name (its spec from :mod:`theory.architectures`, then :func:`from_spec`).
 
     ``arch``: ``residual_mlp`` (``in_features``, ``hidden: list[int]``, ``out_gated=False``,
     ``activation="relu"|"tanh"``), ``resnet1d`` (``stage_blocks``, ``widths``, ``length``,
     ``in_channels``), ``resnet20``/``resnet56``/``resnet110`` (``width=16``, ``image_size=32``,
-    ``in_channels=3``), ``resnet50`` (``image_size=224``).  ``mode``: combined | layer | unit | none.
-    ``estimator``: straight-through | exact-difference.  ``device="meta"`` builds without memory.
+    ``in_channels=3``), ``resnet18``/``resnet34``/``resnet50``/``resnet101``/``resnet152`` and
+    ``wide_resnet50_2``/``wide_resnet101_2`` (torchvision layout; ``image_size=224``,
+    ``in_channels=3``, ``width=64`` planes in the first stage, ``widen=1`` bottleneck width factor),
+    ``wrn`` (WRN-``depth``-``widen`` for CIFAR; ``depth=28``, ``widen=10``, ``image_size=32``,
+    ``in_channels=3``).  ``mode``: combined | layer | unit | none.  ``estimator``:
+    straight-through | exact-difference.  ``device="meta"`` builds without memory.
+
+    >>> net = build_model("resnet18", num_classes=10, image_size=32, width=8)
+    >>> net.spec().depth, net.spec().prunable_blocks
+    (18, 8)
+    >>> net(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
     """
     check_choice("arch", arch, ARCHS)
     check_choice("mode", mode, MODES)

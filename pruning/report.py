@@ -45,6 +45,8 @@ def build_report(
     out_dir: str,
     device: str = "",
     audit: dict[str, Any] | None = None,
+    processes: int = 1,
+    samples: int | None = None,
 ) -> dict[str, Any]:
     """The report of a run as a JSON-serialisable dict (``audit``: :meth:`pruning.audit.PruningAudit.summary`)."""
     base = ComplexityModel(baseline_spec, elementwise=False)
@@ -55,6 +57,8 @@ def build_report(
     return {
         "run": out_dir,
         "device": device,
+        "processes": processes,
+        "samples": samples,
         "epochs_completed": int(last.get("epoch", 0)),
         "test_accuracy": last.get("test_acc"),
         "test_loss": last.get("test_loss"),
@@ -103,7 +107,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# Run report: {m['arch']} on {d['name']} ({m['mode']} mode)",
         "",
         f"γ = {o['gamma']}, ρ = {o['rho']}, δ = {o['delta']}, λ = {o['lambda']}, ε = {cfg['train']['eps']}, "
-        f"{report['epochs_completed']} epochs, device {report['device'] or '?'}",
+        f"{report['epochs_completed']} epochs, device {report['device'] or '?'}"
+        + (f" × {report['processes']} processes (data-parallel)" if report.get("processes", 1) > 1 else ""),
         "",
         "| metric | value |",
         "|---|---|",
@@ -117,6 +122,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"| training cost / baseline (Σ E[F]) | "
         f"{'–' if report['training_cost_ratio'] is None else format(report['training_cost_ratio'], '.3f')} |",
         f"| pruning events | {report['prune_events']} |",
+        *([f"| training samples (all processes) | {report['samples']} |"] if report.get("samples") else []),
         f"| wall clock (training) | {report['wall_clock_s']:.1f} s |",
         "",
         "## Units left per gated layer",

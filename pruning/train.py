@@ -26,325 +26,94 @@ model is recovered from its own state: each unit gate carries the original indic
 surviving units (``unit_ids`` buffer) and a pruned block has no path parameters, so a model built
 from the configuration is brought to the same structure by forcing those gates to 0 and running
 the same pruning rule.
+
+Long runs: ``train.checkpoint_every`` adds mid-epoch checkpoints (position and running sums of the
+epoch: ``resume`` continues at the exact batch); SIGINT/SIGTERM stop at a step boundary with one.
+Under ``torchrun`` every process trains on its part of each global batch through a DDP wrapper
+(:attr:`Trainer.forward`, rebuilt after each compaction) with its own gate samples (a stream per
+seed, rank and step), prunes in lock-step, and only rank 0 writes.
+
+The trainer is assembled from parts with one job each, imported here:
+
+* :mod:`pruning.build` — config → data splits and gated network;
+* :mod:`pruning.optim` — the optimisers and the learning-rate schedule;
+* :mod:`pruning.step` — steps 1–3 of one iteration (:func:`~pruning.step.algorithm1_step`);
+* :mod:`pruning.checkpoint` — checkpoint contents, atomic save, safe load, structure replay;
+* :mod:`pruning.evaluation` — the mean-field evaluation;
+* :mod:`pruning.runlog` — ``log.csv``, TensorBoard and the console;
+* :mod:`pruning.runtime` — devices, seeds, RNG state, autocast;
+* :mod:`pruning.distributed` — process group, DDP wrapper, cross-process agreement;
+* :mod:`pruning.interrupt` — clean stops on SIGINT/SIGTERM;
+* :mod:`pruning.syncbn` — BatchNorm statistics over the global batch (``train.sync_bn``).
+* :mod:`pruning.guard` — no NaN/Inf objective, weight, ``θ`` or BN statistic passes a step, nothing
+  non-finite is checkpointed or exported (:class:`TrainingDiverged` names epoch and iteration);
+* :mod:`pruning.rundir` — the run folder: checks, lock, orphaned temporary files, ``--overwrite``,
+  ``provenance.json`` and ``train.log`` (:func:`train` and the command line open a
+  :class:`~pruning.rundir.RunSession`; a bare :class:`Trainer` does not).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import random
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from theory.atomic import atomic_write, atomic_write_text
-from theory.projection import project
+from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
+from .build import build_network, check_fits, check_network_fits, load_data
+from .checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    check_resume_config,
+    epoch_sums_row,
+    load_checkpoint,
+    network_from_checkpoint,
+    network_record,
+    restore_model,
+    save_checkpoint,
+    structure_of,
+)
 from .config import RunConfig, from_dict, to_toml
-from .data import DataSplits, InMemoryDataset, load_dataset, make_loader
-from .models import GatedNetwork, build_model
-from .objective import CostMeter, Objective, ObjectiveTerms
-
-CHECKPOINT = "checkpoint.pt"
-LOG_CSV = "log.csv"
-CONFIG_ECHO = "config.toml"
-CHECKPOINT_VERSION = 1
-
-#: Log columns that measure time; everything else must agree between a resumed and an uninterrupted run.
-TIME_FIELDS = ("epoch_time_s", "wall_time_s")
+from .data import make_loader
+from .distributed import (
+    DistContext,
+    PeerLost,
+    agree,
+    check_in_sync,
+    first_line,
+    init_distributed,
+    is_comm_failure,
+    prune_decision,
+    sync_buffers,
+    under_torchrun,
+    wrap_ddp,
+)
+from .evaluation import evaluate, theta_stats
+from .gates import sampling_generator
+from .guard import FiniteGuard, NonFiniteState, NonFiniteUpdate, require_finite
+from .interrupt import RunInterrupted, StopSignals
+from .models import GatedNetwork
+from .objective import CostMeter, Objective
+from .optim import lr_at, make_optimizers
+from .rundir import CONFIG_ECHO, RunDirError, RunSession
+from .runlog import RunLog
+from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
+from .step import NonFiniteObjective, algorithm1_step
 
 
 class TrainingDiverged(RuntimeError):
-    """The objective became NaN/Inf; the message names the epoch and iteration; the last checkpoint is kept."""
+    """The objective, the weights/θ or the test loss became NaN/Inf; the message names the epoch and iteration.
 
-
-# --------------------------------------------------------------------------------------------------
-# Devices, seeds, RNG state
-# --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when present, else CPU; ``"cuda"`` without a GPU falls back to CPU with a warning."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if name == "cuda":
-        import warnings
-
-        warnings.warn("train.device = 'cuda' but no CUDA device is available; using the CPU", stacklevel=2)
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global RNG is what third-party code uses
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Torch (CPU + CUDA), numpy and python RNG states as tensors/primitives (``weights_only`` loadable)."""
-    np_state = np.random.get_state()  # noqa: NPY002
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "kind": str(np_state[0]),
-            "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": int(py_state[0]), "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(  # noqa: NPY002
-        (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-# --------------------------------------------------------------------------------------------------
-# Data and model from a configuration
-# --------------------------------------------------------------------------------------------------
-
-
-def load_data(cfg: RunConfig) -> DataSplits:
-    """``load_dataset`` plus the optional deterministic subsets (first ``k`` examples) of ``[data]``."""
-    d = cfg.data
-    splits = load_dataset(d.name, d.root, **d.options)
-    train, test = splits.train, splits.test
-    if d.train_subset and d.train_subset < len(train):
-        train = _first(train, d.train_subset)
-    if d.test_subset and d.test_subset < len(test):
-        test = _first(test, d.test_subset)
-    return DataSplits(train, test, splits.num_classes, splits.input_shape, splits.name, splits.classes)
-
-
-def _first(ds: Any, k: int) -> Any:
-    if isinstance(ds, InMemoryDataset):
-        return ds.subset(range(k))
-    return torch.utils.data.Subset(ds, range(k))
-
-
-def model_kwargs(cfg: RunConfig, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """``[model.kwargs]`` with the shape arguments the data determine filled in when not given."""
-    kw = dict(cfg.model.kwargs)
-    arch = cfg.model.arch
-    if arch == "resnet1d" and len(input_shape) == 2:
-        kw.setdefault("in_channels", int(input_shape[0]))
-        kw.setdefault("length", int(input_shape[1]))
-    elif arch == "residual_mlp":
-        kw.setdefault("in_features", int(math.prod(input_shape)))
-        kw.setdefault("hidden", [64, 64, 64])
-    elif arch in ("resnet20", "resnet56", "resnet110") and len(input_shape) == 3:
-        kw.setdefault("in_channels", int(input_shape[0]))
-        kw.setdefault("image_size", int(input_shape[-1]))
-    elif arch == "resnet50" and len(input_shape) == 3:
-        kw.setdefault("image_size", int(input_shape[-1]))
-    for key in ("hidden", "stage_blocks", "widths"):
-        if key in kw:
-            kw[key] = [int(v) for v in kw[key]]
-    return kw
-
-
-def build_network(
-    cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...], *, device: str | None = None
-) -> GatedNetwork:
-    """``build_model`` from ``[model]`` (``device="meta"``: structure only, no memory)."""
-    m = cfg.model
-    return build_model(
-        m.arch,
-        mode=m.mode,
-        num_classes=num_classes,
-        estimator=m.estimator,
-        theta_init=m.theta_init,
-        device=device,
-        **model_kwargs(cfg, input_shape),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Optimisers and the learning-rate schedule
-# --------------------------------------------------------------------------------------------------
-
-
-def make_optimizers(
-    cfg: RunConfig, weights: list[nn.Parameter], gates: list[nn.Parameter]
-) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """SGD(+momentum) on ``W`` and Adam on ``Θ`` (seed Table 1), or plain SGD on both (``plain-sgd``).
-
-    Weight decay is 0 here: the Gaussian prior ``(λ/N)/2 ||W||²`` is part of the objective.
+    The last good checkpoint is kept; nothing non-finite is written (:mod:`pruning.guard`).
     """
-    o = cfg.optim
-    if o.kind == "plain-sgd":
-        opt_w = torch.optim.SGD(weights, lr=o.weights.lr, momentum=0.0, foreach=True)
-        opt_t = torch.optim.SGD(gates, lr=o.theta.lr, momentum=0.0, foreach=True) if gates else None
-        return opt_w, opt_t
-    w = o.weights
-    opt_w = torch.optim.SGD(weights, lr=w.lr, momentum=w.momentum, nesterov=w.nesterov, foreach=True)
-    opt_t = _adam(gates, lr=o.theta.lr, betas=(o.theta.betas[0], o.theta.betas[1])) if gates else None
-    return opt_w, opt_t
-
-
-def _adam(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
-    """Adam with the fused kernel (one call for all θ tensors), else ``foreach``.
-
-    Torch's default on CPU is a Python loop over the parameters: dozens of small θ tensors.
-    """
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.Adam(params, foreach=True, **kwargs)
-
-
-def lr_at(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate of the weights at iteration ``step`` (0-based; a pure function of the step).
-
-    ``cosine``: ``lr_min + ½(lr − lr_min)(1 + cos(π t/T))`` over all iterations; ``cosine-restarts``:
-    the same within each segment delimited by ``restarts`` (epochs); ``step``: ``lr · decay^k`` after
-    the ``k``-th milestone epoch; ``constant`` (and ``plain-sgd``): ``lr``.  ``warmup_epochs`` ramps
-    linearly from ``lr/steps`` to the scheduled value.
-    """
-    w = cfg.optim.weights
-    if cfg.optim.kind == "plain-sgd" or w.schedule == "constant":
-        lr = w.lr
-    else:
-        spe = max(steps_per_epoch, 1)
-        total = cfg.train.epochs * spe
-        if w.schedule == "step":
-            epoch = step // spe
-            lr = w.lr * w.decay ** sum(1 for m in w.milestones if epoch >= m)
-        else:
-            bounds = [0] + ([r * spe for r in w.restarts] if w.schedule == "cosine-restarts" else []) + [total]
-            k = max(i for i in range(len(bounds) - 1) if step >= bounds[i]) if step < total else len(bounds) - 2
-            start, end = bounds[k], bounds[k + 1]
-            t = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
-            lr = w.lr_min + 0.5 * (w.lr - w.lr_min) * (1.0 + math.cos(math.pi * t))
-    warm = w.warmup_epochs * steps_per_epoch
-    if warm and step < warm and cfg.optim.kind != "plain-sgd":
-        lr = lr * (step + 1) / warm
-    return lr
-
-
-# --------------------------------------------------------------------------------------------------
-# Structure: recorded in the state itself, replayed onto a freshly built model
-# --------------------------------------------------------------------------------------------------
-
-
-def structure_of(model: GatedNetwork) -> dict[str, Any]:
-    """The surviving structure as primitives: per block alive flag and the original ids of kept units."""
-    blocks = []
-    for block in model.blocks:
-        units = []
-        for g in block.unit_gates():
-            units.append(None if g is None else [int(i) for i in g.unit_ids.tolist()])
-        blocks.append({"name": block.name, "alive": bool(block.alive), "unit_ids": units})
-    return {"blocks": blocks, "depth": model.spec().depth}
-
-
-def apply_structure(model: GatedNetwork, structure: dict[str, Any], eps: float) -> None:
-    """Bring a freshly built ``model`` to a recorded structure with the pruning rule itself.
-
-    Gates of removed units and blocks are set to 0, all others to 1, and
-    :func:`pruning.compaction.prune` removes exactly those structures (parameters
-    are overwritten by the checkpoint's state afterwards).
-    """
-    from .compaction import prune
-
-    if len(structure["blocks"]) != len(model.blocks):
-        raise ValueError(
-            f"checkpoint structure has {len(structure['blocks'])} blocks, the model {len(model.blocks)}"
-        )
-    with torch.no_grad():
-        for block, rec in zip(model.blocks, structure["blocks"]):
-            if not block.alive:
-                continue
-            units = block.unit_gates()
-            if not rec["alive"]:
-                if block.block_gate is not None:
-                    block.block_gate.theta.fill_(0.0)
-                for g in units:
-                    if g is not None:
-                        g.theta.fill_(0.0)
-                continue
-            for g, kept in zip(units, rec["unit_ids"]):
-                if g is None or kept is None:
-                    continue
-                keep = torch.zeros_like(g.theta)
-                keep[torch.as_tensor(kept, dtype=torch.long)] = 1.0
-                g.theta.copy_(keep)
-    prune(model, eps, [])
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------
-
-
-def autocast_ctx(device: torch.device, enabled: bool) -> Any:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable[Any], device: torch.device, *, amp_bf16: bool = False,
-    channels_last: bool = False,
-) -> tuple[float, float]:
-    """Mean-field evaluation (every gate replaced by its θ, §5): mean cross-entropy and accuracy."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for x, y in loader:
-            x, y = _to_device(x, y, device, channels_last)
-            with autocast_ctx(device, amp_bf16):
-                out = model(x)
-            loss_sum += float(nn.functional.cross_entropy(out.float(), y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            count += int(y.shape[0])
-    finally:
-        model.train(was_training)
-    return loss_sum / max(count, 1), correct / max(count, 1)
-
-
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool) -> Any:
-    x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
-
-
-def theta_stats(values: list[torch.Tensor], prefix: str) -> dict[str, float]:
-    """min/mean/max and the fraction below 0.5 of a set of gate parameters (NaN when there are none)."""
-    if not values:
-        return {f"{prefix}_min": math.nan, f"{prefix}_mean": math.nan, f"{prefix}_max": math.nan,
-                f"{prefix}_frac_lt_half": math.nan}
-    v = torch.cat([t.detach().reshape(-1).float().cpu() for t in values])
-    return {
-        f"{prefix}_min": float(v.min()),
-        f"{prefix}_mean": float(v.mean()),
-        f"{prefix}_max": float(v.max()),
-        f"{prefix}_frac_lt_half": float((v < 0.5).float().mean()),
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,6 +133,12 @@ class Progress:
     train_time_s: float = 0.0
     log: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # inside the epoch in progress (all 0 at epoch boundaries): batches done, each process's running sums
+    # (data loss·b, J·b, C/N·b, correct, b), Σ E[F]·|B| so far, seconds so far
+    batch: int = 0
+    epoch_sums: list[list[float]] = field(default_factory=list)
+    epoch_cum_flops: float = 0.0
+    epoch_time_s: float = 0.0
 
 
 def _event_record(event: Any, epoch: int, step: int) -> dict[str, Any] | None:
@@ -381,85 +156,66 @@ def _primitive(x: Any) -> Any:
     return x
 
 
-class NonFiniteObjective(FloatingPointError):
-    """The objective of one step was NaN/Inf (raised before any parameter changed)."""
-
-    def __init__(self, terms: ObjectiveTerms) -> None:
-        super().__init__("non-finite objective")
-        self.terms = terms
-
-
-def algorithm1_step(
-    model: GatedNetwork,
-    objective: Objective,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    opt_w: torch.optim.Optimizer,
-    opt_t: torch.optim.Optimizer | None,
-    *,
-    spec: Any = None,
-    amp: bool = False,
-    before_update: Callable[[], object] | None = None,
-) -> tuple[ObjectiveTerms, torch.Tensor]:
-    """Steps 1–3 of Algorithm 1 on one mini-batch (the ε-rule, step 4, is the caller's).
-
-    Forward with one gate sample (``model`` in train mode), ``J`` of [16] via
-    ``objective``; back-propagation gives ``Ĝ_W`` [17] and, for ``θ``, the
-    straight-through estimate plus ``∇C/N`` [18] — with the exact-difference
-    estimator the unbiased estimate [19]–[21] of ``model.exact_gate_grads`` is
-    added to ``∇C/N`` instead; ``before_update()`` sees the gradients; then the
-    weight step, the ``θ`` step and ``Θ ← Π_H(Θ)`` [14]–[15].  Raises
-    :class:`NonFiniteObjective` before touching any parameter if ``J`` is not
-    finite.  Returns the objective terms and the network output.
-    """
-    dev = x.device
-    with autocast_ctx(dev, amp):
-        out = model(x)
-    terms = objective(model, out, y, spec=spec)
-    if not bool(torch.isfinite(terms.total.detach())):
-        raise NonFiniteObjective(terms)
-    opt_w.zero_grad(set_to_none=True)
-    if opt_t is not None:
-        opt_t.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if opt_t is not None and model.estimator == "exact-difference":
-        with autocast_ctx(dev, amp):
-            est = model.exact_gate_grads(objective.loss, x, y)
-        for q in model.gate_parameters():
-            e = est[q].to(q.dtype)
-            q.grad = e if q.grad is None else q.grad + e  # ∇C/N came from backward
-    if before_update is not None:
-        before_update()
-    opt_w.step()
-    if opt_t is not None:
-        opt_t.step()
-        with torch.no_grad():
-            for q in model.gate_parameters():
-                q.copy_(project(q))  # Π_H, eq. [15]
-    return terms, out
+EPOCH_SUMS = 5  # data loss·b, J·b, C/N·b, correct, b (one process's part of every batch)
 
 
 class Trainer:
-    """One run of Algorithm 1 in ``out_dir`` (see the module doc).  ``resume=True`` continues a checkpoint."""
+    """One run of Algorithm 1 in ``out_dir`` (see the module doc).  ``resume=True`` continues a checkpoint.
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> None:
+    The network is built from ``cfg.model`` — or given: ``model`` (a :class:`GatedNetwork` from
+    :func:`pruning.convert.gate`, :func:`pruning.models.from_spec` or ``build_model``) is trained and
+    pruned in place; its gating must be ``cfg.model``'s (mode, estimator), its classes and input shape
+    the data's, and the run records ``model.arch = "custom"`` with the network's spec in every
+    checkpoint, so ``load_run``, ``evaluate``, ``export`` and ``resume`` rebuild it from there.
+
+    ``dist``: this process's place in a data-parallel run (default: joined from the ``torchrun``
+    environment; one process without it).
+
+    >>> from pruning.config import load_config
+    >>> cfg = load_config(None, ["data.train_subset=64", "data.test_subset=32", "train.epochs=1",
+    ...                          "train.progress=false", "train.tensorboard=false", "export.enabled=false"])
+    >>> report = Trainer(cfg, tmp_dir).fit()                                      # doctest: +SKIP
+    >>> report["fPR"], report["test_accuracy"]                                    # doctest: +SKIP
+    """
+
+    def __init__(
+        self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None,
+        dist: DistContext | None = None,
+    ) -> None:
+        if model is not None:
+            if resume:
+                raise ValueError("resume rebuilds the network from its checkpoint; do not pass model= as well")
+            cfg = _config_for_model(cfg, model)
         self.cfg = cfg
         self.out = Path(out_dir)
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.dist = dist if dist is not None else init_distributed(t.device, t.dist_timeout_s)
+        world = self.dist.world_size
+        if t.batch_size % world:
+            raise ValueError(f"train.batch_size = {t.batch_size} (the global batch) does not divide by the world "
+                             f"size {world} (processes); use a multiple of {world}")
+        self.device = self.dist.device(t.device)
         if t.threads:
             torch.set_num_threads(t.threads)
         ckpt: dict[str, Any] | None = None
         if resume:
-            path = self.out / CHECKPOINT
-            if not path.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint {path}")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            _check_resume_config(from_dict(ckpt["config"]), cfg)
+            ckpt = load_checkpoint(self.out / CHECKPOINT)  # CheckpointError: missing, damaged or foreign
+            check_resume_config(from_dict(ckpt["config"]), cfg)
         seed_everything(t.seed)
         self.data = load_data(cfg)
         self.N = len(self.data.train)
-        self.model = build_network(cfg, self.data.num_classes, tuple(self.data.input_shape))
+        if ckpt is not None:
+            try:
+                self.model = network_from_checkpoint(ckpt, cfg)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{self.out / CHECKPOINT}: the checkpoint's network record does not build "
+                                      f"a network ({exc})") from None
+        elif model is not None:
+            check_network_fits(model.spec(), self.data.num_classes, tuple(self.data.input_shape), "the given network")
+            self.model = model
+        else:
+            check_fits(cfg, self.data.num_classes, tuple(self.data.input_shape))  # ConfigError naming the field
+            self.model = build_network(cfg, self.data.num_classes, tuple(self.data.input_shape))
         self.baseline_spec = self.model.spec()
         o = cfg.objective
         self.objective = Objective(
@@ -468,33 +224,59 @@ class Trainer:
         )
         self.meter = CostMeter(self.baseline_spec)
         self.progress = Progress()
+        # no NaN/Inf weight, θ or BN statistic passes a step (pruning.guard); all processes decide together
+        self.guard = FiniteGuard(reduce=self.dist.all_true if self.dist.active else None)
         # pruning audit (pruning.audit): records of what the ε-rule selects; with train.audit, flag, do not remove
         self.audit = PruningAudit(self.objective, eps=t.eps, estimator=cfg.model.estimator, window=t.audit_window,
                                   every=t.audit_every, counterfactual=t.audit)
         if ckpt is not None:
-            apply_structure(self.model, ckpt["structure"], t.eps)
-            self.model.load_state_dict(ckpt["model"])
+            restore_model(self.model, ckpt, t.eps, self.out)
         self.model.to(self.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if t.sync_bn and self.dist.active:
+            from .syncbn import convert
+
+            convert(self.model)
         self.opt_w, self.opt_t = make_optimizers(cfg, self.model.weight_parameters(), self.model.gate_parameters())
+        self._saved_at: tuple[int, int] | None = None  # (epoch, batch) of the last checkpoint
         if ckpt is not None:
-            self._load_optimizers(ckpt)
-            self.progress = Progress(**ckpt["progress"])
-            if ckpt.get("audit") is not None:
-                self.audit.load_state_dict(ckpt["audit"], self.device)
-            restore_rng(ckpt["rng"])
+            try:
+                self._load_optimizers(ckpt)
+                self.progress = Progress(**ckpt["progress"])
+                if ckpt.get("audit") is not None:
+                    self.audit.load_state_dict(ckpt["audit"], self.device)
+                restore_rng(ckpt["rng"])
+            except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"{self.out / CHECKPOINT}: the checkpoint's optimiser, progress or RNG "
+                                      f"state does not fit ({type(exc).__name__}: {str(exc)[:200]})") from None
+            self._saved_at = (self.progress.epoch, self.progress.batch)
+        shard = {"rank": self.dist.rank, "world_size": world}
         self.loader = make_loader(
             self.data.train, t.batch_size, train=True, seed=t.seed, num_workers=cfg.data.num_workers,
-            device=self.device,
+            device=self.device, **shard,
         )
         self.test_loader = make_loader(
             self.data.test, t.eval_batch_size, train=False, seed=t.seed, num_workers=cfg.data.num_workers,
-            device=self.device,
+            device=self.device, **shard,
         )
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
-        self.writer: Any = None
+        #: what a training step runs forward through: the network, or its DDP wrapper (rebuilt after compaction)
+        self.forward: torch.nn.Module = wrap_ddp(self.model, self.dist, self.device)
+        self._gate_rng = torch.Generator(device=self.device)
+        self.stops = StopSignals()
+        self._epoch_sums, self._epoch_cum = self._restore_epoch_sums()
+        self._epoch_t0 = time.perf_counter() - self.progress.epoch_time_s
+        self.log = RunLog(self.out, tensorboard=t.tensorboard, progress=t.progress,
+                          purge_step=self.progress.global_step, writer=self.dist.is_writer)
+
+    def _restore_epoch_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's running sums of the epoch in progress (:func:`~pruning.checkpoint.epoch_sums_row`)."""
+        p, d = self.progress, self.dist
+        row = epoch_sums_row(p.epoch_sums, d.rank, d.world_size) if p.batch else None
+        sums = torch.tensor(row or [0.0] * EPOCH_SUMS, dtype=torch.float64, device=self.device)
+        return sums, torch.tensor([p.epoch_cum_flops if p.batch else 0.0], dtype=torch.float64, device=self.device)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _param_names(self, opt: torch.optim.Optimizer | None) -> list[list[str]]:
@@ -516,7 +298,10 @@ class Trainer:
             opt.load_state_dict(saved)
 
     def checkpoint_dict(self) -> dict[str, Any]:
+        """The checkpoint's contents (in a data-parallel run a collective: every process takes part)."""
         p = self.progress
+        inside = p.batch > 0
+        rows = self.dist.gather_rows(self._epoch_sums).tolist() if inside else []
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
@@ -530,56 +315,61 @@ class Trainer:
             "progress": {
                 "epoch": p.epoch, "global_step": p.global_step, "samples": p.samples, "cum_flops": p.cum_flops,
                 "cum_flops_dense": p.cum_flops_dense, "train_time_s": p.train_time_s, "log": p.log,
-                "events": p.events,
+                "events": p.events, "batch": p.batch, "epoch_sums": rows,
+                "epoch_cum_flops": float(self._epoch_cum) if inside else 0.0,
+                "epoch_time_s": time.perf_counter() - self._epoch_t0 if inside else 0.0,
             },
             "rng": capture_rng(),
             "audit": self.audit.state_dict(),
-            "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed},
+            "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed, "batch": p.batch,
+                       "world_size": self.dist.world_size},
             "data": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape), "N": self.N},
+            "network": network_record(self.baseline_spec, self.model),
         }
 
     def save_checkpoint(self) -> Path:
+        """Write the checkpoint (rank 0; every process must call it) at the current step."""
+        state = self.checkpoint_dict()
         path = self.out / CHECKPOINT
-        buf = io.BytesIO()
-        torch.save(self.checkpoint_dict(), buf)
-        atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=True)
+        if self.dist.is_writer:
+            save_checkpoint(path, state)
+        self._saved_at = (self.progress.epoch, self.progress.batch)
         return path
 
-    # -- logging ------------------------------------------------------------------------------
-    def write_csv(self) -> None:
-        rows = self.progress.log
-        if not rows:
-            return
-        cols: list[str] = []
-        for r in rows:
-            cols += [k for k in r if k not in cols]
+    def _last_checkpoint(self) -> str:
+        if self._saved_at is None:
+            return "No checkpoint was written yet."
+        e, b = self._saved_at
+        where = f"epoch {e + 1}, iteration {b}" if b else f"after epoch {e}"
+        return f"The last good checkpoint ({self.out / CHECKPOINT}, {where}) is kept."
 
-        def write(fh: Any) -> None:
-            w = csv.DictWriter(fh, fieldnames=cols)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    def resume_hint(self) -> str:
+        """The command that continues this run."""
+        if self.dist.active or under_torchrun():
+            return (f"torchrun --standalone --nproc_per_node={self.dist.world_size} -m pruning train "
+                    f"--out {self.out} --resume")
+        return f"python -m pruning train --out {self.out} --resume"
 
-        atomic_write(self.out / LOG_CSV, write)
-
-    def _tb(self) -> Any:
-        if self.writer is None and self.cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.progress.global_step or None)
-        return self.writer
+    def _diverged(self, what: str, epoch: int, iteration: int, spe: int, step: int) -> TrainingDiverged:
+        """The error that stops a run: what went non-finite, where, and which checkpoint is kept."""
+        return TrainingDiverged(f"{what} at epoch {epoch}, iteration {iteration}/{spe} (global step {step}); "
+                                f"stopping. {self._last_checkpoint()}")
 
     # -- one epoch ----------------------------------------------------------------------------
     def _prune(self, epoch: int) -> bool:
         from .compaction import prune
 
         opts = [o for o in (self.opt_w, self.opt_t) if o is not None]
-        flagged = self.audit.flag(self.model, self.spec, step=self.progress.global_step, epoch=epoch)
+        step, eps = self.progress.global_step, self.cfg.train.eps
+        thetas = self.model.gate_parameters()
+        if self.dist.active and thetas:  # lock-step: every process decides on rank 0's θ, bit for bit
+            agree(self.dist, prune_decision(thetas, eps), f"pruning decision at step {step}")
+        flagged = self.audit.flag(self.model, self.spec, step=step, epoch=epoch)
         if self.cfg.train.audit:  # audit mode: flagged structures stay and keep training
             return False
-        event = prune(self.model, self.cfg.train.eps, opts, step=self.progress.global_step)
+        event = prune(self.model, eps, opts, step=step)
         self.audit.confirm(flagged, event)
-        rec = _event_record(event, epoch, self.progress.global_step)
+        rec = _event_record(event, epoch, step)
         if rec is None:
             return False
         self.progress.events.append(rec)
@@ -587,78 +377,128 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
+        self.forward = wrap_ddp(self.model, self.dist, self.device, previous=self.forward)  # new parameters
+        if self.cfg.train.sync_check_every:
+            self._sync_check("prune")
         return True
 
+    def _sync_check(self, where: str) -> None:
+        """Parameter digests of every process compared (``train.sync_check_every``); a line in ``sync_check.csv``."""
+        step = self.progress.global_step
+        digests = check_in_sync(self.dist, self.model, f"step {step} (after {where})")
+        self.log.sync_check(step, where, digests)
+
+    def _gates_at(self, step: int) -> torch.Generator:
+        """The generator of the gate samples of iteration ``step`` on this process (:func:`gate_seed`)."""
+        return self._gate_rng.manual_seed(gate_seed(self.cfg.train.seed, self.dist.rank, step))
+
+    def _after_step(self, epoch: int, spe: int) -> None:
+        """Mid-epoch checkpoint (``train.checkpoint_every``), cross-process check, clean stop on a signal."""
+        t, p = self.cfg.train, self.progress
+        if t.sync_check_every and p.global_step % t.sync_check_every == 0:
+            self._sync_check("step")
+        saved = False
+        if t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and p.batch < spe:
+            self.save_checkpoint()
+            saved = True
+        signum = self.stops.agreed(self.dist)
+        if signum:
+            if not saved:
+                self.save_checkpoint()
+            self.dist.barrier()  # every process leaves once the checkpoint is on disk
+            raise RunInterrupted(signum, epoch + 1, p.batch, self.resume_hint())
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training data (epoch ``epoch``, 0-based); returns mean training statistics."""
+        """One pass over the training data (epoch ``epoch``, 0-based); returns mean training statistics.
+
+        Starts at batch ``progress.batch`` (non-zero after resuming from a mid-epoch checkpoint).
+        In a data-parallel run this process trains on its part of every global batch; the
+        returned statistics are those of the whole batches (summed over the processes).
+        """
         cfg, t, p = self.cfg, self.cfg.train, self.progress
-        model, dev = self.model, self.device
+        model, dev, world = self.model, self.device, self.dist.world_size
         spe = len(self.loader)
         amp = t.amp_bf16
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # data loss, J, C/N, correct
-        cum = torch.zeros(1, dtype=torch.float64, device=dev)
-        count = 0
-        lr = lr_at(cfg, p.global_step, spe)
-        bar = _progress_bar(spe, f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress)
+        start = p.batch
+        if start == 0:
+            self._epoch_sums.zero_()
+            self._epoch_cum.zero_()
+        sums, cum = self._epoch_sums, self._epoch_cum
+        average = self.dist.average if self.dist.active else None
+        # the rate of the epoch's last step so far (a resume at the end of an epoch runs no step of it)
+        lr = lr_at(cfg, p.global_step - 1 if start else p.global_step, spe)
+        bar = self.log.bar(spe, f"epoch {epoch + 1}/{t.epochs}")
+        if bar is not None and start:
+            bar.update(start)
         try:
-            for i, (x, y) in enumerate(self.loader.iter_epoch(epoch)):
-                x, y = _to_device(x, y, dev, t.channels_last)
+            for i, (x, y) in enumerate(self.loader.iter_epoch(epoch, start), start=start):
+                x, y = to_device(x, y, dev, t.channels_last)
                 lr = lr_at(cfg, p.global_step, spe)
                 for g in self.opt_w.param_groups:
                     g["lr"] = lr
                 ef = self.meter.expected_flops(model, self.spec)  # E[F] at the θ of this sample (Figure 4)
                 observe = t.audit_every and p.global_step % t.audit_every == 0
                 try:
-                    terms, out = algorithm1_step(
-                        model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
-                        before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
-                    )
+                    with sampling_generator(self._gates_at(p.global_step)):
+                        terms, out = algorithm1_step(
+                            model, self.objective, x, y, self.opt_w, self.opt_t, spec=self.spec, amp=amp,
+                            before_update=(lambda: self.audit.observe(model, self.spec)) if observe else None,
+                            forward=self.forward, average=average,
+                            guard=self.guard, where=(epoch + 1, i + 1, spe, p.global_step + 1),
+                        )
                 except NonFiniteObjective as err:
                     j, d, c = (float(v.detach()) for v in (err.terms.total, err.terms.data, err.terms.complexity))
-                    raise TrainingDiverged(
-                        f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g}) "
-                        f"at epoch {epoch + 1}, iteration {i + 1}/{spe} "
-                        f"(global step {p.global_step + 1}); stopping. "
-                        + (f"The last good checkpoint ({self.out / CHECKPOINT}, after epoch {p.epoch}) is kept."
-                           if p.epoch > 0 else "No checkpoint was written yet (the first epoch did not finish).")
-                    ) from None
+                    what = (f"non-finite objective J={j:g} (mean loss {d:g}, C/N {c:g})" if not math.isfinite(j)
+                            else "non-finite objective in another process")
+                    raise self._diverged(what, epoch + 1, i + 1, spe, p.global_step + 1) from None
                 if t.audit:
                     self.audit.track(model)
-                b = int(y.shape[0])
+                b_mine = int(y.shape[0])
+                b = b_mine * world  # the global batch (equal parts)
                 cum += ef * b
                 p.cum_flops_dense += self._det_flops * b
                 p.samples += b
-                count += b
                 with torch.no_grad():
                     sums += torch.stack([
-                        terms.data.detach().double() * b, terms.total.detach().double() * b,
-                        terms.complexity.detach().double() * b, (out.argmax(1) == y).sum().double(),
+                        terms.data.detach().double() * b_mine, terms.total.detach().double() * b_mine,
+                        terms.complexity.detach().double() * b_mine, (out.argmax(1) == y).sum().double(),
+                        torch.full((), float(b_mine), dtype=torch.float64, device=dev),
                     ])
                 p.global_step += 1
+                p.batch = i + 1
                 if p.global_step % t.prune_every == 0:
+                    self.guard.settle()  # nothing non-finite is pruned
                     self._prune(epoch + 1)
                 if bar is not None:
                     bar.update(1)
-                if p.global_step % t.log_every == 0:
-                    loss_now = float(terms.data.detach())
+                if p.global_step % t.log_every == 0 and (t.progress or t.tensorboard):
+                    mean = self.dist.all_reduce_sum(torch.stack([terms.data.detach(), terms.total.detach()]).double())
+                    loss_now, j_now = (float(v) / world for v in mean)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_now:.3f}", layers=self.spec.depth, lr=f"{lr:.3g}")
-                    if self._tb() is not None:
-                        self.writer.add_scalar("iter/train_loss", loss_now, p.global_step)
-                        self.writer.add_scalar("iter/J", float(terms.total.detach()), p.global_step)
-                        self.writer.add_scalar("iter/lr", lr, p.global_step)
+                    self.log.iteration(p.global_step, {"train_loss": loss_now, "J": j_now, "lr": lr})
+                self._after_step(epoch, spe)
+            self.guard.settle()
+        except NonFiniteUpdate as err:
+            e, it, n, step = err.where
+            raise self._diverged(
+                f"non-finite weights, θ or BatchNorm statistics after the update "
+                f"(first: {err.name or 'in another process'}; "
+                f"optim.weights.lr = {cfg.optim.weights.lr:g} may be too large)", e, it, n, step,
+            ) from None
         finally:
             if bar is not None:
                 bar.close()
+        totals = self.dist.all_reduce_sum(sums.clone())
         p.cum_flops += float(cum)
-        s = (sums / max(count, 1)).tolist()
+        p.batch = 0
+        s = (totals[:4] / max(float(totals[4]), 1.0)).tolist()
         return {"train_loss": s[0], "train_J": s[1], "train_complexity": s[2], "train_acc": s[3], "lr": lr}
 
     def epoch_record(self, epoch: int, train_stats: dict[str, float], epoch_time: float) -> dict[str, Any]:
         p, spec, meter = self.progress, self.spec, self.meter
-        test_loss, test_acc = evaluate(self.model, self.test_loader, self.device, amp_bf16=self.cfg.train.amp_bf16,
-                                       channels_last=self.cfg.train.channels_last)
+        test_loss, test_acc = self.evaluate(self.model)
         gates = self.model.block_gates()
         block_thetas = [g.theta_B for g in gates if g.theta_B is not None]
         unit_thetas = [t for g in gates if g.theta_1 is not None for t in g.theta_1 if t is not None]
@@ -697,39 +537,65 @@ class Trainer:
         }
         return rec
 
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        """Mean-field test loss and accuracy; sharded over the processes (rank 0's BatchNorm statistics)."""
+        t = self.cfg.train
+        sync_buffers(model, self.dist)
+        return evaluate(model, self.test_loader, self.device, amp_bf16=t.amp_bf16, channels_last=t.channels_last,
+                        all_reduce=self.dist.all_reduce_sum if self.dist.active else None)
+
     # -- the run --------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> None:
+        """The run folder and its configuration echo: the one place where a run's start writes files (rank 0)."""
+        if self.dist.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / CONFIG_ECHO, to_toml(self.cfg))
+
     def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train the remaining epochs; checkpoint and log each; write report and export at the end.
 
         ``stop_after`` ends the run (without report) once that many epochs are complete, as if it had
-        been interrupted there; ``resume`` continues it.
+        been interrupted there; ``resume`` continues it.  SIGINT/SIGTERM stop it at the end of the
+        current step with a checkpoint (:class:`~pruning.interrupt.RunInterrupted`); in a
+        data-parallel run a process that is lost raises :class:`~pruning.distributed.PeerLost`.
         """
-        cfg, t, p = self.cfg, self.cfg.train, self.progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / CONFIG_ECHO, to_toml(cfg))
+        t, p = self.cfg.train, self.progress
+        self.prepare_run_dir()
         last = t.epochs if stop_after is None else min(stop_after, t.epochs)
         try:
-            for epoch in range(p.epoch, last):
-                start = time.perf_counter()
-                stats = self.train_epoch(epoch)
-                self._prune(epoch + 1)
-                p.train_time_s += time.perf_counter() - start
-                p.epoch = epoch + 1
-                rec = self.epoch_record(epoch + 1, stats, time.perf_counter() - start)
-                p.log.append(rec)
-                self.write_csv()
-                if self._tb() is not None:
-                    for k, v in rec.items():
-                        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-                            self.writer.add_scalar(f"epoch/{k}", v, p.epoch)
-                    self.writer.flush()
-                self.save_checkpoint()
-                if t.progress:
-                    _echo(rec)
+            with self.stops:
+                for epoch in range(p.epoch, last):
+                    self._epoch_t0 = time.perf_counter() - (p.epoch_time_s if p.batch else 0.0)
+                    stats = self.train_epoch(epoch)
+                    self._prune(epoch + 1)
+                    p.train_time_s += time.perf_counter() - self._epoch_t0
+                    p.epoch = epoch + 1
+                    rec = self.epoch_record(epoch + 1, stats, time.perf_counter() - self._epoch_t0)
+                    end = (epoch + 1, len(self.loader), len(self.loader), p.global_step)  # where a failure is reported
+                    p.log.append(rec)
+                    failure = None
+                    if not math.isfinite(rec["test_loss"]):  # all-reduced: every process sees the same
+                        failure = (f"non-finite test loss ({rec['test_loss']}: the mean-field network's outputs "
+                                   "overflow) in the end-of-epoch evaluation")
+                    else:
+                        try:
+                            self.save_checkpoint()  # refuses NaN/Inf tensors (the last barrier; the guard settled)
+                        except NonFiniteState as err:
+                            failure = f"non-finite state at the epoch's end ({err})"
+                    if failure is not None:
+                        p.epoch, p.log = epoch, p.log[:-1]  # this epoch did not complete: no checkpoint, no report
+                        raise self._diverged(failure, *end)
+                    self.log.epoch(p.log, p.epoch)
+        except RuntimeError as err:
+            if self.dist.active and not isinstance(err, TrainingDiverged) and is_comm_failure(err):
+                raise PeerLost(
+                    f"rank {self.dist.rank} of {self.dist.world_size}: lost contact with another process at epoch "
+                    f"{p.epoch + 1}, iteration {p.batch + 1} ({first_line(err)}); stopping. "
+                    f"{self._last_checkpoint()} Resume with: {self.resume_hint()}"
+                ) from None
+            raise
         finally:
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
+            self.log.close()
         if p.epoch < t.epochs:
             return None
         return self.finish()
@@ -737,20 +603,18 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Export the deterministic network and write report.json / report.md (THEORY §5)."""
         from .report import build_report, write_report
+        from .syncbn import revert
 
+        revert(self.model)  # training is over: plain BatchNorm for the export
+        writer = self.dist.is_writer
         exports: dict[str, str] = {}
-        if self.cfg.export.enabled:
-            exports = export_run(self.model, self.out / self.cfg.export.dir)
+        if self.cfg.export.enabled and writer:
+            exports = export_run(self.model, self.out / self.cfg.export.dir, onnx=self.cfg.export.onnx)
         audit = self.audit.summary(self.model)
         if self.cfg.train.audit:
-            t = self.cfg.train
-            audit["end_of_run_prune"] = end_of_run_prune(
-                self.model, t.eps,
-                lambda m: evaluate(m, self.test_loader, self.device, amp_bf16=t.amp_bf16,
-                                   channels_last=t.channels_last),
-                self.meter.ratios,
-            )
-        audit["files"] = self.audit.write(self.out, audit)
+            audit["end_of_run_prune"] = end_of_run_prune(self.model, self.cfg.train.eps, self.evaluate,
+                                                         self.meter.ratios)
+        audit["files"] = self.audit.write(self.out, audit) if writer else {}
         report = build_report(
             config=self.cfg.to_dict(),
             log=self.progress.log,
@@ -762,102 +626,134 @@ class Trainer:
             out_dir=str(self.out),
             device=str(self.device),
             audit=audit,
+            processes=self.dist.world_size,
+            samples=self.progress.samples,
         )
-        write_report(self.out, report)
+        if writer:
+            write_report(self.out, report)
         return report
 
 
-def export_run(model: GatedNetwork, out_dir: Path) -> dict[str, str]:
-    """``export_deterministic`` + ``save_export``; returns the written paths by kind."""
+def _config_for_model(cfg: RunConfig, model: GatedNetwork) -> RunConfig:
+    """``cfg`` with ``model.arch = "custom"`` for a network given in Python; its gating must be ``cfg``'s."""
+    if not isinstance(model, GatedNetwork):
+        raise TypeError(f"model must be a GatedNetwork (pruning.gate, from_spec or build_model), got "
+                        f"{type(model).__name__}")
+    m = cfg.model
+    for key, have in (("mode", model.mode), ("estimator", model.estimator)):
+        if getattr(m, key) != have:
+            raise ValueError(f"model.{key} = {getattr(m, key)!r} but the given network was built with {key} "
+                             f"{have!r}; set model.{key} = {have!r} or build the network with {getattr(m, key)!r}")
+    return replace(cfg, model=replace(m, arch="custom", kwargs={}, spec=""))
+
+
+def export_run(model: GatedNetwork, out_dir: Path, *, onnx: bool = False) -> dict[str, str]:
+    """``export_deterministic`` + ``save_export`` (``onnx``: also ``model.onnx``); the written paths by kind.
+
+    >>> paths = export_run(model, Path("runs/x/export"))                         # doctest: +SKIP
+    >>> torch.export.load(paths["program"]).module()(x)                          # doctest: +SKIP
+    """
     from .export import export_deterministic, save_export
 
-    written = save_export(export_deterministic(model), out_dir)
+    require_finite(model, "an export")
+    written = save_export(export_deterministic(model), out_dir, onnx=onnx)
     return {str(k): str(v) for k, v in written.items()}
 
 
-def _check_resume_config(saved: RunConfig, given: RunConfig) -> None:
-    """A resumed run must use the configuration it started with (display-only train keys may differ)."""
-    free = {"progress", "tensorboard", "log_every", "out_dir", "device"}
-    a, b = saved.to_dict(), given.to_dict()
-    a["train"] = {k: v for k, v in a["train"].items() if k not in free}
-    b["train"] = {k: v for k, v in b["train"].items() if k not in free}
-    if a != b:
-        diffs = [f"{s}.{k}" for s in a for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)]
-        raise ValueError(f"--resume: the configuration differs from the checkpoint's in {', '.join(sorted(diffs))}")
 
+def load_run(
+    run_dir: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[RunConfig, GatedNetwork, dict[str, Any]]:
+    """The configuration, the model (compacted structure, trained state, eval mode) and the raw checkpoint.
 
-def _progress_bar(total: int, desc: str, *, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+    Works for every network — built-in, from a spec file or given in Python — as the checkpoint
+    carries the network's spec (:func:`pruning.checkpoint.network_from_checkpoint`).  A missing,
+    damaged or foreign checkpoint raises :class:`pruning.checkpoint.CheckpointError` naming the file.
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _echo(rec: dict[str, Any]) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(
-        f"epoch {rec['epoch']:>3}  loss {rec['train_loss']:.4f}  test {rec['test_acc'] * 100:5.2f}%  "
-        f"layers {rec['layers']}  blocks {rec['blocks_alive']}  units {rec['units']}  "
-        f"fPR {rec['fPR'] * 100:5.1f}%  pPR {rec['pPR'] * 100:5.1f}%  cost {rec['train_cost_ratio']:.3f}  "
-        f"θ<½ {rec['theta_frac_lt_half']:.2f}  {rec['epoch_time_s']:.1f}s"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading a finished (or interrupted) run
-# --------------------------------------------------------------------------------------------------
-
-
-def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[RunConfig, GatedNetwork, dict[str, Any]]:
-    """The configuration, the model (compacted structure, trained state) and the raw checkpoint of a run."""
-    ckpt = load_checkpoint(run_dir)
+    >>> cfg, model, ckpt = load_run("runs/default")                               # doctest: +SKIP
+    >>> model.spec().depth, ckpt["progress"]["epoch"]                             # doctest: +SKIP
+    """
+    ckpt = load_checkpoint(run_dir)  # CheckpointError: missing, damaged or foreign
     cfg = from_dict(ckpt["config"])
     seed_everything(cfg.train.seed)
-    model = build_network(cfg, int(ckpt["data"]["num_classes"]), tuple(ckpt["data"]["input_shape"]))
-    apply_structure(model, ckpt["structure"], cfg.train.eps)
-    model.load_state_dict(ckpt["model"])
-    model.to(resolve_device(device))
+    try:
+        model = network_from_checkpoint(ckpt, cfg)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{run_dir}: the checkpoint's network record does not build a network ({exc})") from None
+    restore_model(model, ckpt, cfg.train.eps, run_dir)
+    model.to(device if isinstance(device, torch.device) else resolve_device(device))
     model.eval()
     return cfg, model, ckpt
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run to the end; returns the report."""
-    report = Trainer(cfg, out_dir, resume=resume).fit()
+class _Follower:
+    """The run-folder session of a process that does not write (rank > 0): nothing to start or record."""
+
+    def start(self, **_: Any) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+@contextmanager
+def shared_session(
+    out_dir: str | Path, dist: DistContext, *, resume: bool, overwrite: bool, argv: list[str] | None = None
+) -> Iterator[RunSession | _Follower]:
+    """The run folder's :class:`~pruning.rundir.RunSession`, held by the writing process (rank 0) alone.
+
+    The other processes learn whether rank 0 could take the folder (one flag over the process group)
+    and refuse with it, so a refused folder stops every process before anything is built.
+    """
+    if not dist.is_writer:
+        if dist.any_flag(0):
+            raise RunDirError(f"{out_dir}: the run folder was refused (rank 0 says why)")
+        yield _Follower()
+        return
+    session = RunSession(out_dir, resume=resume, overwrite=overwrite, argv=argv)
+    try:
+        session.__enter__()
+    except BaseException:
+        dist.any_flag(1)
+        raise
+    dist.any_flag(0)
+    try:
+        yield session
+    except BaseException as exc:  # leaving records the outcome and releases the lock
+        session.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    session.__exit__(None, None, None)
+
+
+def train(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+    model: GatedNetwork | None = None, argv: list[str] | None = None, dist: DistContext | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or start over) a training run to the end in its locked folder; returns the report.
+
+    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).  The folder
+    rules of :class:`pruning.rundir.RunSession` apply (:class:`pruning.rundir.RunDirError`); only the
+    writing process (rank 0) holds the folder.  Under ``torchrun`` every process calls this; the
+    process group is joined here unless ``dist`` is given, and closed again.  ``argv``: the command
+    line recorded in ``provenance.json`` (default ``sys.argv``).
+
+    >>> report = train(load_config("experiments/configs/default.toml"), "runs/default")  # doctest: +SKIP
+    >>> report["fPR"], report["test_accuracy"]                                    # doctest: +SKIP
+    """
+    own = dist is None
+    if dist is None:
+        dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    try:
+        with shared_session(out_dir, dist, resume=resume, overwrite=overwrite, argv=argv) as session:
+            trainer = Trainer(cfg, out_dir, resume=resume, model=model, dist=dist)
+            session.start(device=trainer.device, export_dirs=[cfg.export.dir])
+            report = trainer.fit()
+    finally:
+        if own:
+            dist.close()
     assert report is not None
     return report
 
 
-__all__ = [
-    "CHECKPOINT",
-    "LOG_CSV",
-    "TIME_FIELDS",
-    "Trainer",
-    "TrainingDiverged",
-    "apply_structure",
-    "build_network",
-    "capture_rng",
-    "evaluate",
-    "export_run",
-    "load_checkpoint",
-    "load_data",
-    "load_run",
-    "lr_at",
-    "make_optimizers",
-    "model_kwargs",
-    "resolve_device",
-    "restore_rng",
-    "seed_everything",
-    "structure_of",
-    "train",
-]
-
+__all__ = ["CONFIG_ECHO", "Progress", "RunInterrupted", "Trainer", "TrainingDiverged", "export_run", "load_run",
+           "train"]

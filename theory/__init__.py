@@ -4,7 +4,15 @@ Importing :mod:`theory` never imports torch.  See THEORY.md (the specification)
 for the equation numbers cited in every docstring.
 """
 
-from .architectures import by_name, residual_mlp, resnet1d, resnet50, resnet_cifar
+from .architectures import (
+    by_name,
+    residual_mlp,
+    resnet1d,
+    resnet50,
+    resnet_cifar,
+    resnet_imagenet,
+    wide_resnet_cifar,
+)
 from .complexity import (
     BlockGates,
     Coefficients,
@@ -15,7 +23,7 @@ from .complexity import (
     reparametrize,
     validate_gates,
 )
-from .spec import Block, Layer, NetworkSpec
+from .spec import Block, Layer, NetworkSpec, load_spec, save_spec
 
 __all__ = [
     "Block",
@@ -27,11 +35,15 @@ __all__ = [
     "NetworkSpec",
     "by_name",
     "coefficients_for",
+    "load_spec",
     "ones_gates",
     "reparametrize",
     "residual_mlp",
     "resnet1d",
     "resnet50",
     "resnet_cifar",
+    "resnet_imagenet",
+    "save_spec",
     "validate_gates",
+    "wide_resnet_cifar",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .spec import Block, Layer, LayerKind, NetworkSpec, ShortcutKind
+from .spec import Block, Layer, LayerKind, NetworkSpec, ShortcutKind, conv_out
 
 
 def _conv(dim: int, cin: int, cout: int, k: int, size: tuple[int, ...], stride: int = 1, act: bool = True) -> Layer:
@@ -96,44 +96,148 @@ def resnet1d(
     )
 
 
+#: Blocks per stage of the ImageNet ResNets (He et al. 2016, Table 1) and whether they are bottlenecks.
+IMAGENET_STAGES: dict[int, tuple[bool, tuple[int, int, int, int]]] = {
+    18: (False, (2, 2, 2, 2)),
+    34: (False, (3, 4, 6, 3)),
+    50: (True, (3, 4, 6, 3)),
+    101: (True, (3, 4, 23, 3)),
+    152: (True, (3, 8, 36, 3)),
+}
+
+
+def resnet_imagenet(
+    depth: int,
+    num_classes: int = 1000,
+    image_size: int = 224,
+    *,
+    width: int = 64,
+    widen: int = 1,
+    in_channels: int = 3,
+    name: str | None = None,
+) -> NetworkSpec:
+    """The ImageNet ResNets in torchvision's layout: ResNet-18/34 (basic blocks), -50/101/152 (bottlenecks).
+
+    A 7×7/2 stem convolution + BN + ReLU, a 3×3/2 max-pool (``meta["stem_pool"]``), four stages of
+    ``IMAGENET_STAGES[depth]`` blocks with ``width·(1, 2, 4, 8)`` planes, stride 2 in the first block
+    of stages 2–4 — on the 3×3 convolution of a bottleneck (torchvision's "v1.5") — a projection
+    shortcut (1×1 conv + BN) wherever the shape changes, global average pooling and a linear head.
+    Basic blocks have ``M = 1`` (unit gates on conv1), bottlenecks ``M = 2`` (conv1, conv2) with
+    inner width ``planes · widen`` and output ``4 · planes``; ``widen = 2`` is torchvision's
+    ``wide_resnet50_2``/``wide_resnet101_2``.  Every block carries a block gate.
+
+    >>> spec = resnet_imagenet(18)
+    >>> len(spec.blocks), spec.blocks[2].shortcut, spec.blocks[2].path[0].stride
+    (8, 'projection', 2)
+    """
+    if depth not in IMAGENET_STAGES:
+        raise ValueError(f"depth must be one of {sorted(IMAGENET_STAGES)}, got {depth!r}")
+    bottleneck, stages = IMAGENET_STAGES[depth]
+    for key, value in (("num_classes", num_classes), ("image_size", image_size), ("width", width),
+                       ("widen", widen), ("in_channels", in_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if widen != 1 and not bottleneck:
+        raise ValueError(f"widen applies to bottleneck blocks (depth 50, 101, 152), got depth {depth}")
+    s = conv_out(image_size, 7, 2)
+    stem = (Layer("conv2d", in_channels, width, kernel=7, out_size=(s, s), stride=2, bn=True, act=True),)
+    size = conv_out(s, 3, 2)  # 3×3/2 max-pool
+    expansion = 4 if bottleneck else 1
+    blocks: list[Block] = []
+    cin = width
+    for stage, nb in enumerate(stages):
+        planes = width * 2**stage
+        cout = expansion * planes
+        for b in range(nb):
+            stride = 2 if (stage > 0 and b == 0) else 1
+            in_size = (size, size)
+            size = conv_out(size, 3, stride)
+            hw = (size, size)
+            path: tuple[Layer, ...]
+            if bottleneck:
+                mid = planes * widen
+                path = (
+                    Layer("conv2d", cin, mid, kernel=1, out_size=in_size, bn=True, act=True),
+                    Layer("conv2d", mid, mid, kernel=3, out_size=hw, stride=stride, bn=True, act=True),
+                    Layer("conv2d", mid, cout, kernel=1, out_size=hw, bn=True, act=False),
+                )
+            else:
+                path = (
+                    Layer("conv2d", cin, cout, kernel=3, out_size=hw, stride=stride, bn=True, act=True),
+                    Layer("conv2d", cout, cout, kernel=3, out_size=hw, bn=True, act=False),
+                )
+            block_name = f"layer{stage + 1}.{b}"
+            if stride != 1 or cin != cout:
+                sc = Layer("conv2d", cin, cout, kernel=1, out_size=hw, stride=stride, bn=True, act=False)
+                blocks.append(Block(cin, cout, path, "projection", sc, out_size=hw, name=block_name))
+            else:
+                blocks.append(Block(cin, cout, path, "identity", out_size=hw, name=block_name))
+            cin = cout
+    head = (Layer("linear", cin, num_classes, bias=True),)
+    if name is None:
+        name = f"wide_resnet{depth}_{widen}" if widen != 1 else f"resnet{depth}"
+    return NetworkSpec(
+        name, (in_channels, image_size, image_size), stem, tuple(blocks), head, num_classes,
+        meta=(("stem_pool", "max3x3s2"),),
+    )
+
+
 def resnet50(num_classes: int = 1000, image_size: int = 224) -> NetworkSpec:
     """ImageNet ResNet-50 (torchvision v1.5: stride on the 3×3 conv), bottleneck blocks with ``M = 2``.
 
     Unit gates on conv1 and conv2 of every bottleneck; projection shortcuts
     (1×1 conv + BN) where the shape changes; a 3×3/2 max-pool after the stem
-    (``meta["stem_pool"]``).  Counted as conv + linear MACs.
+    (``meta["stem_pool"]``).  Counted as conv + linear MACs.  :func:`resnet_imagenet` with depth 50.
     """
-    s = image_size
-    stem_size = (s + 1) // 2
-    stem = (Layer("conv2d", 3, 64, kernel=7, out_size=(stem_size, stem_size), stride=2, bn=True, act=True),)
-    size = (stem_size + 1) // 2  # 3×3/2 max-pool
+    return resnet_imagenet(50, num_classes, image_size)
+
+
+def wide_resnet_cifar(
+    depth: int = 28, widen: int = 10, num_classes: int = 10, image_size: int = 32, in_channels: int = 3
+) -> NetworkSpec:
+    """Wide ResNet WRN-``depth``-``widen`` for 32×32 inputs (Zagoruyko & Komodakis 2016), post-activation form.
+
+    ``depth = 6n + 4``: a 3×3 stem convolution with 16 channels, three stages of ``n`` basic blocks
+    with ``16k, 32k, 64k`` channels (``k = widen``; stride 2 entering stages 2 and 3), a projection
+    shortcut (1×1 conv + BN) where the shape changes, global average pooling, a linear head.  The
+    blocks are written conv–BN–ReLU like every network here (the original orders BN–ReLU–conv and
+    adds dropout), which leaves the convolutions and so the conv + linear MACs unchanged; only the
+    BatchNorm parameters are placed differently.  WRN-28-10: 5.25 G MACs.
+
+    >>> wide_resnet_cifar(16, 8).name
+    'wrn-16-8'
+    """
+    if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth!r}")
+    for key, value in (("widen", widen), ("num_classes", num_classes), ("image_size", image_size),
+                       ("in_channels", in_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    n = (depth - 4) // 6
+    size = image_size
+    stem = (Layer("conv2d", in_channels, 16, kernel=3, out_size=(size, size), bn=True, act=True),)
     blocks: list[Block] = []
-    cin = 64
-    for stage, (nb, mid) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
-        cout = 4 * mid
-        for b in range(nb):
+    cin = 16
+    for stage in range(3):
+        cout = 16 * widen * 2**stage
+        for b in range(n):
             stride = 2 if (stage > 0 and b == 0) else 1
-            in_size = size
-            if stride == 2:
-                size = (size + 1) // 2
+            size = conv_out(size, 3, stride)
             hw = (size, size)
             path = (
-                Layer("conv2d", cin, mid, kernel=1, out_size=(in_size, in_size), bn=True, act=True),
-                Layer("conv2d", mid, mid, kernel=3, out_size=hw, stride=stride, bn=True, act=True),
-                Layer("conv2d", mid, cout, kernel=1, out_size=hw, bn=True, act=False),
+                Layer("conv2d", cin, cout, kernel=3, out_size=hw, stride=stride, bn=True, act=True),
+                Layer("conv2d", cout, cout, kernel=3, out_size=hw, bn=True, act=False),
             )
-            if b == 0:
+            block_name = f"stage{stage + 1}.{b}"
+            if stride != 1 or cin != cout:
                 sc = Layer("conv2d", cin, cout, kernel=1, out_size=hw, stride=stride, bn=True, act=False)
-                block = Block(cin, cout, path, "projection", sc, out_size=hw, name=f"layer{stage + 1}.{b}")
+                blocks.append(Block(cin, cout, path, "projection", sc, out_size=hw, name=block_name))
             else:
-                block = Block(cin, cout, path, "identity", out_size=hw, name=f"layer{stage + 1}.{b}")
-            blocks.append(block)
+                blocks.append(Block(cin, cout, path, "identity", out_size=hw, name=block_name))
             cin = cout
     head = (Layer("linear", cin, num_classes, bias=True),)
-    return NetworkSpec(
-        "resnet50", (3, image_size, image_size), stem, tuple(blocks), head, num_classes,
-        meta=(("stem_pool", "max3x3s2"),),
-    )
+    return NetworkSpec(f"wrn-{depth}-{widen}", (in_channels, image_size, image_size), stem, tuple(blocks), head,
+                       num_classes)
 
 
 def residual_mlp(
@@ -178,6 +282,14 @@ ARCHITECTURES: dict[str, Callable[[], NetworkSpec]] = {
     "resnet110-c100": lambda: resnet_cifar(110, num_classes=100),
     "resnet50": resnet50,
     "resnet1d": resnet1d,
+    "resnet18": lambda: resnet_imagenet(18),
+    "resnet34": lambda: resnet_imagenet(34),
+    "resnet101": lambda: resnet_imagenet(101),
+    "resnet152": lambda: resnet_imagenet(152),
+    "wide_resnet50_2": lambda: resnet_imagenet(50, widen=2),
+    "wide_resnet101_2": lambda: resnet_imagenet(101, widen=2),
+    "wrn-16-8": lambda: wide_resnet_cifar(16, 8),
+    "wrn-28-10": lambda: wide_resnet_cifar(28, 10),
 }
 
 

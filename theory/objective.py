@@ -45,6 +45,7 @@ with ``Y`` integer labels of shape ``(N,)`` (or rows of class probabilities).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -482,6 +483,17 @@ class ObjectiveResult:
         return self.layout.unflatten(self.grad)
 
 
+def cost_spec(spec: NetworkSpec, g: str) -> NetworkSpec:
+    """``spec`` as the complexity model [9] must count it when every block's output activation is ``g``.
+
+    ``c_g`` (the output activation, THEORY §3) is a cost only if there is an activation: for
+    ``g = "identity"`` each block gets ``out_act = False``; otherwise ``spec`` is returned unchanged.
+    """
+    if g != "identity" or not any(b.out_act for b in spec.blocks):
+        return spec
+    return dataclasses.replace(spec, blocks=tuple(dataclasses.replace(b, out_act=False) for b in spec.blocks))
+
+
 class ExactObjective:
     """``L(W, Θ) = E(W, Θ) + (λ/2)||W||² + C(Θ)`` of [2.2] for a residual-MLP spec on fixed data.
 
@@ -490,7 +502,9 @@ class ExactObjective:
     ``"tanh"`` or ``"identity"`` (``f = tanh``); ``lam``: ``λ ≥ 0``;
     ``coeffs``: ``(α_f, α_p, β)`` of [11] (default all 0: no complexity
     term); ``layout``: which gates are free (default every gate of ``spec``);
-    ``elementwise``: counting convention of the complexity model.
+    ``elementwise``: counting convention of the complexity model.  The output activation's cost
+    ``c_g`` of [9] is charged only where ``g`` is applied: with ``g = "identity"`` the complexity model
+    sees every block with ``out_act = False`` (:func:`cost_spec`).
     """
 
     def __init__(
@@ -528,7 +542,7 @@ class ExactObjective:
                 f"layout: K={self.layout.K} gates exceed MAX_GATES={MAX_GATES}; the exact objective enumerates "
                 "2^K gate masks (fix some gate kinds at 1 or use a smaller network)"
             )
-        self.model = ComplexityModel(spec, elementwise=elementwise)
+        self.model = ComplexityModel(cost_spec(spec, g), elementwise=elementwise)
         self.masks = mask_matrix(self.layout.K)
         self.X, self.T = self._check_data(X, Y)
         self._torch_cache: dict[str, Any] = {}
@@ -799,6 +813,7 @@ __all__ = [
     "ObjectiveResult",
     "OutActivation",
     "Weights",
+    "cost_spec",
     "expectation_gradient",
     "mask_matrix",
     "mask_probabilities",
