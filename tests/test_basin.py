@@ -136,3 +136,91 @@ def test_theory_cli_has_basin() -> None:
 
     args = build_parser().parse_args(["basin", "--slice", "layer", "--resolution", "4"])
     assert args.func is B.cmd_basin and args.resolution == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# the 3-D box θ_B × ||W|| × θ_u (theory/basin_volume.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_volume_top_layer_is_the_layer_slice() -> None:
+    """θ_u = 1 is the layer slice: same starts, same labels (each trajectory is integrated on its own)."""
+    from theory.basin_volume import map_volume
+
+    P = _problem()
+    bv = map_volume(resolution=(5, 5, 3), horizon=40.0, problem=P)
+    bm = B.map_slice("layer", resolution=5, horizon=40.0, problem=P)
+    np.testing.assert_array_equal(bv.labels[-1], bm.labels)
+    np.testing.assert_array_equal(bv.certified[-1], bm.certified)
+    assert bv.volumes()["certified_volume"] == pytest.approx(bm.areas()["certified_area"])
+    assert bv.layer(2).areas()["pruned"] == pytest.approx(bm.areas()["pruned"])
+    assert bv.labels.shape == (3, 5, 5) and bv.meta["starts"] == 75
+    # fewer open units make the block less useful: the basin does not shrink from θ_u = 1 to θ_u = 0.5
+    assert np.all(bv.pruned[1] >= bv.pruned[2])
+
+
+def test_volume_of_a_block_that_cannot_pay_is_all_pruned() -> None:
+    from theory.basin_volume import map_volume
+
+    bv = map_volume(resolution=(3, 3, 2), horizon=30.0, problem=_problem(c_B=200.0))
+    v = bv.volumes()
+    assert v["pruned"] == pytest.approx(1.0) and v["undecided"] == 0.0 and v["certified_pruned"] == 1.0
+
+
+@given(nx=st.integers(2, 8), ny=st.integers(2, 8), nz=st.integers(2, 6), eps=st.floats(0.05, 0.95))
+def test_volume_bookkeeping(nx: int, ny: int, nz: int, eps: float) -> None:
+    from theory.basin_volume import BasinVolume
+
+    x, y, z = np.linspace(0, 1, nx), np.linspace(0, 2, ny), np.linspace(0, 1, nz)
+    Z, Y, X = np.meshgrid(z, y, x, indexing="ij")
+    labels = np.full((nz, ny, nx), B.SURVIVED, dtype=np.int8)
+    labels[(X < 0.5) | (Z < 0.3)] = B.BLOCK_PRUNED
+    labels[(X >= 0.5) & (Z >= 0.3) & (Y > 1.5)] = B.UNDECIDED
+    pruned = labels == B.BLOCK_PRUNED
+    xf = np.linspace(0, 1, 101)
+    bv = BasinVolume(x, y, z, labels, pruned, Y < 0.5, np.full(nx, 0.5), (xf, np.full(101, 0.5)),
+                     np.zeros((nz, ny, nx)), {"problem": {"D": 3}}, eps)
+    v = bv.volumes()
+    w = bv.weights
+    assert w.sum() == pytest.approx(1.0)
+    assert v["certified_volume"] == pytest.approx(0.25)  # y < 0.5 of [0, 2], every θ_B and θ_u
+    assert v["pruned"] + v["survived"] + v["undecided"] == pytest.approx(1.0)
+    assert v["pruned"] == pytest.approx(float(w[pruned].sum()))
+    slab = X < eps
+    assert v["eps_slab"] == pytest.approx(float(w[slab].sum()))
+    if slab.any():
+        assert v["eps_slab_pruned"] + v["eps_slab_recovers"] <= 1.0 + 1e-12
+    assert v["eps_units_slab"] == pytest.approx(float(w[Z < eps].sum()))
+    fr = bv.layer_fractions()
+    assert fr.shape == (nz,) and np.all((fr >= 0) & (fr <= 1 + 1e-12))
+    assert fr[0] == pytest.approx(1.0)  # z = 0 < 0.3: the whole layer is pruned
+    surf = bv.boundary_surface()
+    assert np.all(surf[0] == y[-1])  # all pruned up to the top
+    json.dumps(bv.to_json())
+
+
+def test_basin_cli_maps_a_volume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = B.basin_cli(["--slice", "volume", "--resolution", "4", "--depth", "3", "--horizon", "20",
+                      "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["slice"] == "volume" and 0 <= out["volumes"]["pruned"] <= 1
+    assert len(out["layer_pruned_fraction"]) == 3
+    for ext in ("json", "npz", "png", "pdf"):
+        assert (tmp_path / f"basin_volume.{ext}").stat().st_size > 0
+    with np.load(tmp_path / "basin_volume.npz") as z:
+        assert z["labels"].shape == (3, 4, 4)
+    assert B.basin_cli(["--slice", "volume", "--depth", "1"]) == 2
+
+
+def test_volume_figure_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "paper_figures"))
+    spec = importlib.util.spec_from_file_location("basin_volume_fig_test", root / "paper_figures" / "basin_volume.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path), "--resolution", "3", "--depth", "2", "--horizon", "5"]) == 0
+    assert (tmp_path / "basin_volume.png").stat().st_size > 0 and (tmp_path / "basin_volume.pdf").stat().st_size > 0

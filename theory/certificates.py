@@ -53,6 +53,7 @@ bounds on ``V̇`` at random points of the regions; exact, no integrator).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,7 @@ def unit_weight_sq(problem: BlockProblem, y: Any, i: int) -> Array:
     return np.asarray(np.sum(st.W1[..., i, :] ** 2, axis=-1) + np.sum(st.W2[..., :, i] ** 2, axis=-1))
 
 
-def lyapunov_block(problem: BlockProblem, y: Any, a: float) -> Array:
+def lyapunov_block(problem: BlockProblem, y: Any, a: Any) -> Array:
     """``V_B = ½(||W_1||² + ||W_2||²) + a θ_B`` of Theorem 5.1 [31]."""
     st = unpack(y, problem)
     return np.asarray(0.5 * st.weight_norm_sq + a * st.theta_B)
@@ -102,26 +103,52 @@ def clip_gates(problem: BlockProblem, y: Any) -> Array:
 
 
 def projected_velocity(problem: BlockProblem, y: Any, *, atol: float = 0.0) -> Array:
-    """The right-hand side of [22]/[24]: ``−∇L`` with the gate part projected as in [27]."""
+    """The right-hand side of [22]/[24]: ``−∇L`` with the gate part projected as in [27].
+
+    ``−∇L`` is :func:`theory.block_model.velocity`, or for many states with gates in ``H`` the compiled
+    kernel :func:`theory.block_kernel.velocity_batch` (the same closed forms to ~1e-13 relative) when
+    numba is installed.
+    """
     ya = np.asarray(y, dtype=np.float64)
-    v = velocity(problem, ya)
+    v = _velocity(problem, ya)
     sl = problem.theta_slice
     v[..., sl] = projected_field(ya[..., sl], v[..., sl], atol=atol)
     return v
 
 
-def lyapunov_block_rate(problem: BlockProblem, y: Any, a: float, *, atol: float = 0.0) -> Array:
-    """``V̇_B = W·Ẇ + a θ̇_B`` along the projected field [24] (exact, no integrator)."""
+def _velocity(problem: BlockProblem, y: Array) -> Array:
+    """``−∇L`` at ``y`` (..., D): the compiled kernel for many states in ``H`` when it applies, else numpy."""
+    if y.ndim == 2 and y.shape[0] >= 32:
+        from .block_kernel import FUSED_M1, FUSED_P, velocity_batch
+        from .jit import compiled_enabled
+
+        gates = y[:, problem.theta_slice]
+        if (compiled_enabled() and problem.m + 1 <= FUSED_M1 and problem.p <= FUSED_P
+                and np.all((gates >= 0) & (gates <= 1))):
+            return velocity_batch(problem, y, workers=min(2, os.cpu_count() or 1))
+    return velocity(problem, y)
+
+
+def lyapunov_block_rate(
+    problem: BlockProblem, y: Any, a: Any, *, atol: float = 0.0, v: Array | None = None
+) -> Array:
+    """``V̇_B = W·Ẇ + a θ̇_B`` along the projected field [24] (exact, no integrator); ``v``: the projected
+    velocity at ``y`` when already computed (:func:`projected_velocity`)."""
     ya = np.asarray(y, dtype=np.float64)
-    st, sd = unpack(ya, problem), unpack(projected_velocity(problem, ya, atol=atol), problem)
+    v = projected_velocity(problem, ya, atol=atol) if v is None else v
+    st, sd = unpack(ya, problem), unpack(v, problem)
     ww = np.sum(st.W1 * sd.W1, axis=(-2, -1)) + np.sum(st.W2 * sd.W2, axis=(-2, -1))
     return np.asarray(ww + a * sd.theta_B)
 
 
-def lyapunov_unit_rate(problem: BlockProblem, y: Any, a: float, i: int, *, atol: float = 0.0) -> Array:
-    """``V̇_i = w_i·ẇ_i + v_i·v̇_i + a θ̇_i`` along the projected field [24]."""
+def lyapunov_unit_rate(
+    problem: BlockProblem, y: Any, a: float, i: int, *, atol: float = 0.0, v: Array | None = None
+) -> Array:
+    """``V̇_i = w_i·ẇ_i + v_i·v̇_i + a θ̇_i`` along the projected field [24] (``v`` as for
+    :func:`lyapunov_block_rate`)."""
     ya = np.asarray(y, dtype=np.float64)
-    st, sd = unpack(ya, problem), unpack(projected_velocity(problem, ya, atol=atol), problem)
+    v = projected_velocity(problem, ya, atol=atol) if v is None else v
+    st, sd = unpack(ya, problem), unpack(v, problem)
     uu = np.sum(st.W1[..., i, :] * sd.W1[..., i, :], axis=-1) + np.sum(st.W2[..., :, i] * sd.W2[..., :, i], axis=-1)
     return np.asarray(uu + a * sd.theta[..., i])
 
@@ -176,9 +203,10 @@ def admissible(a: float, rho: float, c: float, k: float, R: float | None = None)
     return bool(a > 0 and 0 < rho < float(rho_max(a, c, k)) and (R is None or 2 * rho <= R * R))
 
 
-def kappa(a: float, rho: float, c: float, k: float) -> float:
-    """``κ = a c − (2 + a) k ρ`` of [32]/[34]; ``> 0`` iff ``ρ < ρ_max(a)``."""
-    return float(a * c - (2.0 + a) * k * rho)
+def kappa(a: Any, rho: Any, c: float, k: Any) -> Any:
+    """``κ = a c − (2 + a) k ρ`` of [32]/[34]; ``> 0`` iff ``ρ < ρ_max(a)`` (a float, or an array for arrays)."""
+    out = np.asarray(a) * c - (2.0 + np.asarray(a)) * np.asarray(k) * np.asarray(rho)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def hit_time_bound(theta0: Any, rho: float, c: float, k: float) -> Array:
@@ -186,7 +214,7 @@ def hit_time_bound(theta0: Any, rho: float, c: float, k: float) -> Array:
     return np.asarray(np.asarray(theta0, dtype=np.float64) / (c - k * rho))
 
 
-def block_rate_bound(problem: BlockProblem, y: Any, a: float, rho: float, k: float, *, sharp: bool = False) -> Array:
+def block_rate_bound(problem: BlockProblem, y: Any, a: Any, rho: Any, k: Any, *, sharp: bool = False) -> Array:
     """The right side of [32]: ``−(κ_B θ_B + λ||W||²)``; ``sharp=True``: ``−(κ_B·1[θ_B > 0] + λ||W||²)``.
 
     The proof of [32] gives the sharp form: while ``θ_B > 0``,
@@ -612,12 +640,15 @@ def _rate_ratio(
 
 
 def _lower_sum(t: Array, f: Array) -> Array:
-    """Cumulative lower Riemann sum of ``f`` on the step grid (a lower bound of ``∫f`` for ``f`` monotone per step)."""
-    return np.concatenate([[0.0], np.cumsum(np.minimum(f[1:], f[:-1]) * np.diff(t))])
+    """Cumulative lower Riemann sum of ``f`` (J, ...) on the step grid ``t`` (J,) (a lower bound of ``∫f`` for ``f``
+    monotone per step)."""
+    dt = np.diff(t).reshape((-1,) + (1,) * (f.ndim - 1))
+    return np.concatenate([np.zeros((1, *f.shape[1:])), np.cumsum(np.minimum(f[1:], f[:-1]) * dt, axis=0)])
 
 
 def _upper_sum(t: Array, f: Array) -> Array:
-    return np.concatenate([[0.0], np.cumsum(np.maximum(f[1:], f[:-1]) * np.diff(t))])
+    dt = np.diff(t).reshape((-1,) + (1,) * (f.ndim - 1))
+    return np.concatenate([np.zeros((1, *f.shape[1:])), np.cumsum(np.maximum(f[1:], f[:-1]) * dt, axis=0)])
 
 
 def _first_exit(wsq: Array, R: float) -> int:
@@ -641,54 +672,115 @@ def check_block_trajectory(
     (a wrong ``k`` is how the negative control breaks the certificate).
     """
     k = lemma1_k(problem, R) if k is None else k
-    c, lam = problem.c_B, problem.lam
-    if not admissible(a, rho, c, k, R):
+    if not admissible(a, rho, problem.c_B, k, R):
         raise ValueError(f"check_block_trajectory: (a={a:g}, rho={rho:g}) is not admissible for k={k:g}, R={R:g}")
-    st0 = unpack(y0, problem)
-    th0, w0 = float(st0.theta_B), float(st0.weight_norm_sq)
-    delta = c - k * rho
-    t_hit = th0 / delta if delta > 0 else math.inf
     if horizon is None:
-        base = 1.2 * t_hit + 1.0 if math.isfinite(t_hit) else 50.0
-        # exp(k ∫θ_B − λT) ≤ W_DECAY / 2 with ∫θ_B ≤ θ_B(0) t_hit / 2
-        extra = (math.log(2 / W_DECAY) + 0.5 * k * th0 * min(t_hit, base)) / lam if lam > 0 else 4.0 * base
-        horizon = base + extra
+        horizon = block_horizon(problem, y0, rho, k)
     t, Y = integrate(problem, y0, horizon)
+    return judge_block_trajectory(problem, y0, a, rho, R, k, t, Y)
+
+
+def block_horizon(problem: BlockProblem, y0: Array, rho: float, k: float) -> float:
+    """The horizon of :func:`check_block_trajectory`: past the hit-time bound, and with ``λ > 0`` long enough for
+    the weight-decay bound to force ``||W(T)|| ≤ W_DECAY·||W(0)||``."""
+    st0 = unpack(y0, problem)
+    th0 = float(st0.theta_B)
+    delta = problem.c_B - k * rho
+    t_hit = th0 / delta if delta > 0 else math.inf
+    base = 1.2 * t_hit + 1.0 if math.isfinite(t_hit) else 50.0
+    # exp(k ∫θ_B − λT) ≤ W_DECAY / 2 with ∫θ_B ≤ θ_B(0) t_hit / 2
+    lam = problem.lam
+    extra = (math.log(2 / W_DECAY) + 0.5 * k * th0 * min(t_hit, base)) / lam if lam > 0 else 4.0 * base
+    return base + extra
+
+
+def judge_block_trajectory(
+    problem: BlockProblem, y0: Array, a: float, rho: float, R: float, k: float, t: Array, Y: Array
+) -> TrajectoryReport:
+    """Theorem 5.1's criteria (see :func:`check_block_trajectory`) on the states ``Y`` (J, D) at times ``t`` (J,)
+    of a trajectory from ``y0`` (``t[0] = 0``): every accepted step of the reference integrator, or the output
+    times of a batched one.  (One trajectory of :func:`judge_block_batch`.)"""
+    return judge_block_batch(problem, np.asarray(y0)[None], np.array([a]), np.array([rho]), np.array([R]),
+                             np.array([k]), t, np.asarray(Y)[:, None])[0]
+
+
+def _pre_exit(wsq: Array, R: Array) -> Array:
+    """(J, B) mask of the times before trajectory ``b`` first leaves the ball ``||W||² ≤ R_b²`` (as
+    :func:`_first_exit`)."""
+    return np.asarray(np.cumsum(wsq > R**2 * (1 + 1e-9), axis=0) == 0)
+
+
+def _masked_max(x: Array, mask: Array, initial: float) -> Array:
+    """Column-wise max of ``x`` (J, B) over ``mask``; ``initial`` where the mask is empty or smaller."""
+    return np.asarray(np.max(np.where(mask, x, initial), axis=0, initial=initial))
+
+
+def _rate_ratios(rate: Array, bound: Array, scale: Array, pre: Array, active: Array | None = None
+                 ) -> tuple[Array, Array]:
+    """Column-wise :func:`_rate_ratio` over the times in ``pre`` (J, B)."""
+    ex = rate - bound
+    ratio = _masked_max(ex / (TOL_RATE * scale + 1e-300), pre, -math.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tight = ex / np.abs(bound)
+    use = pre & np.isfinite(tight) & (True if active is None else active)
+    return ratio, _masked_max(tight, use, -math.inf)
+
+
+def judge_block_batch(
+    problem: BlockProblem, Y0: Array, a: Array, rho: Array, R: Array, k: Array, t: Array, Y: Array
+) -> list[TrajectoryReport]:
+    """:func:`judge_block_trajectory` for ``B`` trajectories at once: starts ``Y0`` (B, D), their ``a``, ``ρ``,
+    ``R``, ``k`` (B,), common times ``t`` (J,) and states ``Y`` (J, B, D)."""
+    c, lam = problem.c_B, problem.lam
+    t = np.asarray(t, dtype=np.float64)
+    tt = t[:, None]
+    st0 = unpack(Y0, problem)
+    th0, w0 = np.asarray(st0.theta_B), np.asarray(st0.weight_norm_sq)
+    delta = c - k * rho
+    with np.errstate(divide="ignore"):
+        t_hit = np.where(delta > 0, th0 / np.where(delta > 0, delta, 1.0), math.inf)
     st = unpack(Y, problem)
     wsq = np.asarray(st.weight_norm_sq)
-    j_exit = _first_exit(wsq, R)
-    pre = slice(0, j_exit)
+    pre = _pre_exit(wsq, R)
     V = lyapunov_block(problem, Y, a)
-    ratios: dict[str, float] = {}
-    dV = np.diff(V[pre])
-    ratios["V_increase"] = float(np.max(dV, initial=0.0)) / (TOL_V * max(float(V[0]), 1e-300))
-    Yc = clip_gates(problem, Y[pre])  # rates at Π_H of the integrator's state (faces overshot by ~ATOL)
+    ratios: dict[str, Array] = {}
+    ratios["V_increase"] = _masked_max(np.diff(V, axis=0), pre[1:], 0.0) / (TOL_V * np.maximum(V[0], 1e-300))
+    Yc = clip_gates(problem, Y)  # rates at Π_H of the integrator's state (faces overshot by ~ATOL)
     stc = unpack(Yc, problem)
-    rate = lyapunov_block_rate(problem, Yc, a)
+    pv = projected_velocity(problem, Yc.reshape(-1, problem.D)).reshape(Yc.shape)
+    rate = lyapunov_block_rate(problem, Yc, a, v=pv)
     bound = block_rate_bound(problem, Yc, a, rho, k)
-    sd = unpack(projected_velocity(problem, Yc), problem)
+    sd = unpack(pv, problem)
     scale = (np.sum(np.abs(stc.W1 * sd.W1), axis=(-2, -1)) + np.sum(np.abs(stc.W2 * sd.W2), axis=(-2, -1))
              + a * np.abs(sd.theta_B) + np.abs(bound))
-    ratios["Vdot_bound"] = _rate_ratio(rate, bound, scale)[0]
+    ratios["Vdot_bound"] = _rate_ratios(rate, bound, scale, pre)[0]
     sharp = block_rate_bound(problem, Yc, a, rho, k, sharp=True)
-    ratios["Vdot_sharp"], tight = _rate_ratio(rate, sharp, scale + np.abs(sharp), stc.theta_B > 0)
-    lin = np.maximum(0.0, th0 - delta * t) if delta > 0 else np.full_like(t, th0)
-    ratios["theta_linear"] = float(np.max(st.theta_B[pre] - lin[pre], initial=0.0)) / TOL_THETA
+    ratios["Vdot_sharp"], tight = _rate_ratios(rate, sharp, scale + np.abs(sharp), pre, stc.theta_B > 0)
+    lin = np.where(delta > 0, np.maximum(0.0, th0 - delta * tt), th0)
+    ratios["theta_linear"] = _masked_max(st.theta_B - lin, pre, 0.0) / TOL_THETA
     if lam > 0:
-        integ = np.where(t < t_hit, th0 * t - 0.5 * delta * t**2, 0.5 * th0 * min(t_hit, 1e300))
-        logb = np.log(max(w0, 1e-300)) + 2 * k * integ - 2 * lam * t
+        integ = np.where(tt < t_hit, th0 * tt - 0.5 * delta * tt**2, 0.5 * th0 * np.minimum(t_hit, 1e300))
+        logb = np.log(np.maximum(w0, 1e-300)) + 2 * k * integ - 2 * lam * tt
         with np.errstate(divide="ignore"):
             excess = np.log(np.maximum(wsq, 1e-300)) - logb
-        ratios["W_decay"] = float(np.max(excess[pre], initial=0.0)) / math.log1p(TOL_W) if w0 > 0 else 0.0
-    held = j_exit == len(t)
-    if held:
-        ratios["theta_final"] = max(float(st.theta_B[-1]), 0.0) / TOL_THETA
-        if lam > 0 and w0 > 0:
-            ratios["W_final"] = math.sqrt(float(wsq[-1]) / w0) / W_DECAY
-    failed = max(ratios.values()) > 1.0
-    final = {"theta_B": float(st.theta_B[-1]), "W_ratio": math.sqrt(float(wsq[-1]) / w0) if w0 > 0 else 0.0,
-             "t_hit_bound": t_hit, "gamma_B_min": gamma_lower_bounds(problem, Y)[0]}
-    return TrajectoryReport(ratios, held, failed, (not held) and not failed, float(t[-1]), len(t), final, tight)
+        ratios["W_decay"] = np.where(w0 > 0, _masked_max(excess, pre, 0.0) / math.log1p(TOL_W), 0.0)
+    held = np.asarray(pre.all(axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w_ratio = np.where(w0 > 0, np.sqrt(wsq[-1] / np.where(w0 > 0, w0, 1.0)), 0.0)
+    gmin = np.min(gamma_B(problem, Y), axis=0)
+    reports = []
+    for b in range(Y0.shape[0]):
+        rb = {key: float(v[b]) for key, v in ratios.items()}
+        if held[b]:
+            rb["theta_final"] = max(float(st.theta_B[-1, b]), 0.0) / TOL_THETA
+            if lam > 0 and w0[b] > 0:
+                rb["W_final"] = float(w_ratio[b]) / W_DECAY
+        failed = max(rb.values()) > 1.0
+        final = {"theta_B": float(st.theta_B[-1, b]), "W_ratio": float(w_ratio[b]), "t_hit_bound": float(t_hit[b]),
+                 "gamma_B_min": float(gmin[b])}
+        reports.append(TrajectoryReport(rb, bool(held[b]), failed, (not held[b]) and not failed, float(t[-1]),
+                                        len(t), final, float(tight[b])))
+    return reports
 
 
 def check_unit_trajectory(
@@ -707,15 +799,10 @@ def check_unit_trajectory(
     without a prior violation is inconclusive.
     """
     k = lemma1_k(problem, R) if k is None else k
-    c, lam = problem.c_1, problem.lam
-    if not admissible(a, rho, c, k, R):
+    lam = problem.lam
+    if not admissible(a, rho, problem.c_1, k, R):
         raise ValueError(f"check_unit_trajectory: (a={a:g}, rho={rho:g}) is not admissible for k={k:g}, R={R:g}")
-    st0 = unpack(y0, problem)
-    thi0, tB0 = float(st0.theta[i]), float(st0.theta_B)
-    u0 = float(unit_weight_sq(problem, y0, i))
-    delta = c - k * rho
-    T = 2.0 * thi0 / max(delta * tB0, 1e-12) + 1.0 if delta > 0 else 50.0
-    T = min(T, 1e4)
+    T = unit_horizon(problem, y0, rho, k, i)
     ts, Ys = [np.zeros(1)], [np.asarray(y0, dtype=np.float64)[None]]
     t_now, y_now = 0.0, np.asarray(y0, dtype=np.float64)
     for _ in range(max_extensions + 1):
@@ -731,45 +818,94 @@ def check_unit_trajectory(
         t, Y = integrate(problem, y_now, t_now + math.log(2 / W_DECAY) / lam + 1.0, t0=t_now)
         ts.append(t[1:])
         Ys.append(Y[1:])
-    t = np.concatenate(ts)
-    Y = np.concatenate(Ys)
+    return judge_unit_trajectory(problem, y0, a, rho, R, k, i, np.concatenate(ts), np.concatenate(Ys))
+
+
+def unit_horizon(problem: BlockProblem, y0: Array, rho: float, k: float, i: int) -> float:
+    """The first horizon of :func:`check_unit_trajectory`: twice the time ``θ_i``'s bound needs to reach 0 with
+    ``θ_B`` frozen at ``θ_B(0)`` (plus 1; at most 1e4)."""
+    st0 = unpack(y0, problem)
+    thi0, tB0 = float(st0.theta[i]), float(st0.theta_B)
+    delta = problem.c_1 - k * rho
+    T = 2.0 * thi0 / max(delta * tB0, 1e-12) + 1.0 if delta > 0 else 50.0
+    return min(T, 1e4)
+
+
+def judge_unit_trajectory(
+    problem: BlockProblem, y0: Array, a: float, rho: float, R: float, k: float, i: int, t: Array, Y: Array
+) -> TrajectoryReport:
+    """Theorem 5.2's criteria (see :func:`check_unit_trajectory`) on the states ``Y`` (J, D) at times ``t`` (J,)
+    of a trajectory from ``y0`` (``t[0] = 0``); the integrals of ``θ_B`` and ``θ_Bθ_i`` are bounded by lower /
+    upper Riemann sums on ``t`` (per-step monotone), so ``t`` must be fine.  (One trajectory of
+    :func:`judge_unit_batch`.)"""
+    return judge_unit_batch(problem, np.asarray(y0)[None], np.array([a]), np.array([rho]), np.array([R]),
+                            np.array([k]), np.array([i]), t, np.asarray(Y)[:, None])[0]
+
+
+def judge_unit_batch(
+    problem: BlockProblem, Y0: Array, a: Array, rho: Array, R: Array, k: Array, units: Array, t: Array, Y: Array
+) -> list[TrajectoryReport]:
+    """:func:`judge_unit_trajectory` for ``B`` trajectories at once: starts ``Y0`` (B, D), their ``a``, ``ρ``,
+    ``R``, ``k`` and unit index ``units`` (B,), common times ``t`` (J,) and states ``Y`` (J, B, D)."""
+    c, lam = problem.c_1, problem.lam
+    t = np.asarray(t, dtype=np.float64)
+    tt = t[:, None]
+    cols = np.arange(Y0.shape[0])
+    st0 = unpack(Y0, problem)
+    thi0 = np.asarray(st0.theta[cols, units])
+    u0 = np.sum(st0.W1[cols, units] ** 2, axis=-1) + np.sum(st0.W2[cols, :, units] ** 2, axis=-1)
+    delta = c - k * rho
     st = unpack(Y, problem)
     wsq = np.asarray(st.weight_norm_sq)
-    j_exit = _first_exit(wsq, R)
-    pre = slice(0, j_exit)
-    V = lyapunov_unit(problem, Y, a, i)
-    ratios: dict[str, float] = {}
-    ratios["V_increase"] = float(np.max(np.diff(V[pre]), initial=0.0)) / (TOL_V * max(float(V[0]), 1e-300))
-    Yp = clip_gates(problem, Y[pre])  # rates at Π_H of the integrator's state (faces overshot by ~ATOL)
+    pre = _pre_exit(wsq, R)
+    th_i = st.theta[:, cols, units]  # (J, B)
+    v_of = lambda W2: np.moveaxis(W2, -1, -2)[:, cols, units]  # noqa: E731  (J, B, p): column v_i of each W_2
+    usq = np.sum(st.W1[:, cols, units] ** 2, axis=-1) + np.sum(v_of(st.W2) ** 2, axis=-1)
+    V = 0.5 * usq + a * th_i  # V_i [33]
+    ratios: dict[str, Array] = {}
+    ratios["V_increase"] = _masked_max(np.diff(V, axis=0), pre[1:], 0.0) / (TOL_V * np.maximum(V[0], 1e-300))
+    Yp = clip_gates(problem, Y)  # rates at Π_H of the integrator's state (faces overshot by ~ATOL)
     stp = unpack(Yp, problem)
-    rate = lyapunov_unit_rate(problem, Yp, a, i)
-    bound = unit_rate_bound(problem, Yp, a, rho, k, i)
-    sd = unpack(projected_velocity(problem, Yp), problem)
-    scale = (np.sum(np.abs(stp.W1[:, i] * sd.W1[:, i]), axis=-1)
-             + np.sum(np.abs(stp.W2[:, :, i] * sd.W2[:, :, i]), axis=-1) + a * np.abs(sd.theta[:, i]) + np.abs(bound))
-    ratios["Vdot_bound"] = _rate_ratio(rate, bound, scale)[0]
-    sharp = unit_rate_bound(problem, Yp, a, rho, k, i, sharp=True)
-    ratios["Vdot_sharp"], tight = _rate_ratio(rate, sharp, scale + np.abs(sharp), stp.theta_B * stp.theta[:, i] > 0)
+    sd = unpack(projected_velocity(problem, Yp.reshape(-1, problem.D)).reshape(Yp.shape), problem)
+    wdw = stp.W1[:, cols, units] * sd.W1[:, cols, units]
+    vdv = v_of(stp.W2) * v_of(sd.W2)
+    dth_i = sd.theta[:, cols, units]
+    rate = np.sum(wdw, axis=-1) + np.sum(vdv, axis=-1) + a * dth_i  # V̇_i along [24]
+    tp_i = stp.theta[:, cols, units]
+    usq_p = np.sum(stp.W1[:, cols, units] ** 2, axis=-1) + np.sum(v_of(stp.W2) ** 2, axis=-1)
+    k1 = kappa(a, rho, c, k)
+    bound = -(k1 * stp.theta_B * tp_i + lam * usq_p)  # [34]
+    scale = np.sum(np.abs(wdw), axis=-1) + np.sum(np.abs(vdv), axis=-1) + a * np.abs(dth_i) + np.abs(bound)
+    ratios["Vdot_bound"] = _rate_ratios(rate, bound, scale, pre)[0]
+    sharp = -(k1 * stp.theta_B * (tp_i > 0) + lam * usq_p)
+    ratios["Vdot_sharp"], tight = _rate_ratios(rate, sharp, scale + np.abs(sharp), pre, stp.theta_B * tp_i > 0)
     I_B = _lower_sum(t, np.clip(st.theta_B, 0.0, None))
-    lin = np.maximum(0.0, thi0 - delta * I_B) if delta > 0 else np.full_like(t, thi0)
-    ratios["theta_linear"] = float(np.max(st.theta[pre, i] - lin[pre], initial=0.0)) / TOL_THETA
-    usq = unit_weight_sq(problem, Y, i)
-    if lam > 0 and u0 > 0:
-        I_p = _upper_sum(t, np.clip(st.theta_B * st.theta[:, i], 0.0, None))
-        logb = math.log(u0) + 2 * k * I_p - 2 * lam * t
+    lin = np.where(delta > 0, np.maximum(0.0, thi0 - delta * I_B), thi0)
+    ratios["theta_linear"] = _masked_max(th_i - lin, pre, 0.0) / TOL_THETA
+    if lam > 0:
+        I_p = _upper_sum(t, np.clip(st.theta_B * th_i, 0.0, None))
         with np.errstate(divide="ignore"):
+            logb = np.log(np.where(u0 > 0, u0, 1.0)) + 2 * k * I_p - 2 * lam * tt
             excess = np.log(np.maximum(usq, 1e-300)) - logb
-        ratios["W_decay"] = float(np.max(excess[pre], initial=0.0)) / math.log1p(TOL_W)
-    held = j_exit == len(t)
-    prod_final = max(float(st.theta_B[-1]), 0.0) * max(float(st.theta[-1, i]), 0.0)
-    if held:
-        ratios["product_final"] = prod_final / TOL_THETA
-        if lam > 0 and u0 > 0:
-            ratios["W_final"] = math.sqrt(float(usq[-1]) / u0) / W_DECAY
-    failed = max(ratios.values()) > 1.0
-    final = {"theta_B": float(st.theta_B[-1]), "theta_i": float(st.theta[-1, i]), "product": prod_final,
-             "u_ratio": math.sqrt(float(usq[-1]) / u0) if u0 > 0 else 0.0, "W_max": float(np.sqrt(wsq.max()))}
-    return TrajectoryReport(ratios, held, failed, (not held) and not failed, float(t[-1]), len(t), final, tight)
+        ratios["W_decay"] = np.where(u0 > 0, _masked_max(excess, pre, 0.0) / math.log1p(TOL_W), 0.0)
+    held = np.asarray(pre.all(axis=0))
+    prod_final = np.maximum(st.theta_B[-1], 0.0) * np.maximum(th_i[-1], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u_ratio = np.where(u0 > 0, np.sqrt(usq[-1] / np.where(u0 > 0, u0, 1.0)), 0.0)
+    w_max = np.sqrt(wsq.max(axis=0))
+    reports = []
+    for b in cols:
+        rb = {key: float(v[b]) for key, v in ratios.items() if key != "W_decay" or u0[b] > 0}
+        if held[b]:
+            rb["product_final"] = float(prod_final[b]) / TOL_THETA
+            if lam > 0 and u0[b] > 0:
+                rb["W_final"] = float(u_ratio[b]) / W_DECAY
+        failed = max(rb.values()) > 1.0
+        final = {"theta_B": float(st.theta_B[-1, b]), "theta_i": float(th_i[-1, b]), "product": float(prod_final[b]),
+                 "u_ratio": float(u_ratio[b]), "W_max": float(w_max[b])}
+        reports.append(TrajectoryReport(rb, bool(held[b]), failed, (not held[b]) and not failed, float(t[-1]),
+                                        len(t), final, float(tight[b])))
+    return reports
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 #: Modules whose import registers checks (in report order).
-CHECK_MODULES = ("theory.determinism", "theory.dynamics_checks", "theory.certificates")
+CHECK_MODULES = ("theory.determinism", "theory.dynamics_checks", "theory.certificates", "theory.theorem_batch")
 
 
 @dataclass

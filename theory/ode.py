@@ -470,7 +470,13 @@ class BatchResult:
     ``ncalls`` the calls; ``wall_time`` in seconds; ``t_events`` is (E, B):
     for each :class:`FaceEvent` the first time the trajectory hits that face
     after ``t[0]`` (``nan`` if never); ``switches`` the number of face
-    switches that were located and split.
+    switches that were located and split; ``steps`` attempted steps (summed
+    over trajectories); ``backend`` ``"numpy"`` or ``"numba"`` (the compiled
+    kernels of :mod:`theory.block_ode`, whose ``ncalls`` equals ``nfev``: one
+    call per trajectory evaluation); ``failed`` trajectories whose step size
+    underflowed (their outputs past the failure are ``nan``); ``thread_cpu``
+    (compiled backend) the CPU seconds of each worker thread, largest first —
+    ``sum/max`` is the speed-up the threads give when each has a core.
     """
 
     t: np.ndarray
@@ -484,6 +490,9 @@ class BatchResult:
     t_events: np.ndarray
     switches: int = 0
     steps: int = 0
+    backend: str = "numpy"
+    failed: int = 0
+    thread_cpu: tuple[float, ...] = ()
 
     @property
     def theta(self) -> np.ndarray:
@@ -1137,6 +1146,7 @@ def odeint_batch(
     workers: int = 1,
     max_stages: int = 64,
     out: np.ndarray | None = None,
+    backend: str = "auto",
 ) -> BatchResult:
     """Integrate many trajectories of the projected ODE [22] at once.
 
@@ -1161,8 +1171,19 @@ def odeint_batch(
     ``b`` hits that face (``nan`` if never; terminal flags are ignored).
     ``chunk_size`` trajectories are integrated together (default 512 for
     fixed-step, keeping the field's work arrays in cache; 8192 for RKC,
-    whose sweeps group trajectories by stage count), ``workers`` threads run
-    chunks in parallel.  ``out`` may supply the (len(t_eval), B, D) output.
+    whose sweeps group trajectories by stage count; the compiled backend
+    integrates one trajectory at a time and hands threads chunks of at most
+    256), ``workers`` threads run chunks in parallel.  ``out`` may supply the (len(t_eval), B, D) output.
+
+    ``backend``: ``"auto"`` (default) runs the compiled kernels of
+    :mod:`theory.block_ode` (numba; whole step loop compiled, one trajectory
+    per loop, ``workers`` threads over chunks of trajectories) when ``fun`` is
+    :func:`theory.block_model.field` of a canonical block with ``m + 1 ≤ 4``
+    inputs and ``p ≤ 2`` outputs and numba is installed, else this module's
+    numpy implementation (with a one-line notice when only numba was missing); ``"numpy"`` forces the numpy
+    reference; ``"numba"`` requires the compiled kernels (``ValueError`` if
+    they cannot be used).  Both backends implement the same scheme and agree
+    to the integrators' tolerances (``tests/test_block_ode.py``).
     """
     adaptive = method == "rkc"
     tab = None if adaptive else _tableau(method)
@@ -1181,6 +1202,7 @@ def odeint_batch(
         raise ValueError(f"dt must be > 0, got {dt!r}")
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got {rtol!r}, {atol!r}")
+    user_chunk = chunk_size
     if chunk_size is None:
         chunk_size = 8192 if adaptive else 512
     if chunk_size < 1 or workers < 1:
@@ -1195,26 +1217,39 @@ def odeint_batch(
         out = np.empty((teval.size, B, D))
     elif out.shape != (teval.size, B, D):
         raise ValueError(f"out must have shape {(teval.size, B, D)}, got {out.shape}")
+    if backend not in ("auto", "numpy", "numba"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'numba', got {backend!r}")
+    if backend != "numpy":
+        use, why = _compiled_usable(fun)
+        if use:
+            return _odeint_compiled(fun, Y0, teval, sl, method, dt, rtol, atol, evs, face_atol, split_switches,
+                                    workers, max_stages, out, user_chunk)
+        if backend == "numba":
+            raise ValueError(f"backend='numba' cannot be used: {why}")
+        if why == _NO_NUMBA:
+            from .jit import fallback_notice
+
+            fallback_notice()
     hit_t = np.full((len(evs), B), np.nan)
     grid = _step_grid(teval, dt)
     steps_fixed = sum(k for _, _, k in grid)
 
-    def run_chunk(a: int, b: int) -> tuple[int, int, int, int]:
+    def run_chunk(a: int, b: int) -> tuple[int, int, int, int, int]:
         Y = np.ascontiguousarray(Y0[a:b].T)
         Y[sl] = project(Y[sl])
         out[0, a:b] = Y.T
         cols_hit = hit_t[:, a:b]  # view: chunks write disjoint columns
         if adaptive:
             rkc = _RKCBatch(fun, sl, rtol, atol, face_atol, evs, max_stages, rho_every=25)
-            rkc.run(Y, teval, dt, out[:, a:b], cols_hit)
-            return rkc.nfev, rkc.ncalls, rkc.switches, rkc.steps
+            ok = rkc.run(Y, teval, dt, out[:, a:b], cols_hit)
+            return rkc.nfev, rkc.ncalls, rkc.switches, rkc.steps, int(np.count_nonzero(~ok))
         assert tab is not None
         stepper = _BatchStepper(fun, tab, sl, face_atol, evs, split_switches)
         for j, (t_start, h, k) in enumerate(grid):
             for s in range(k):
                 Y = stepper.step(t_start + s * h, Y, h, cols_hit)
             out[j + 1, a:b] = Y.T
-        return stepper.nfev, stepper.ncalls, stepper.switches, steps_fixed * (b - a)
+        return stepper.nfev, stepper.ncalls, stepper.switches, steps_fixed * (b - a), 0
 
     t_wall = time.perf_counter()
     bounds = [(a, min(a + chunk_size, B)) for a in range(0, B, chunk_size)]
@@ -1236,6 +1271,64 @@ def odeint_batch(
         t_events=hit_t,
         switches=sum(s[2] for s in stats),
         steps=sum(s[3] for s in stats),
+        failed=sum(s[4] for s in stats),
+    )
+
+
+_NO_NUMBA = "numba is not installed"
+
+
+def backend_for(fun: Fun, backend: str = "auto") -> str:
+    """The backend :func:`odeint_batch` would use for ``fun``: ``"numba"`` or ``"numpy"``."""
+    if backend == "numpy":
+        return "numpy"
+    return "numba" if _compiled_usable(fun)[0] else "numpy"
+
+
+def _compiled_usable(fun: Fun) -> tuple[bool, str]:
+    """Whether :mod:`theory.block_ode` can integrate ``fun``, and if not why."""
+    from .jit import NUMBA_AVAILABLE, disabled_by_env
+
+    problem = getattr(fun, "problem", None)
+    from .block_model import BlockProblem
+
+    if not isinstance(problem, BlockProblem):
+        return False, "fun is not theory.block_model.field(problem) of a canonical block"
+    if not NUMBA_AVAILABLE:
+        return False, _NO_NUMBA
+    if disabled_by_env():
+        return False, "THEORY_NO_NUMBA is set"
+    from .block_kernel import FUSED_M1, FUSED_P
+
+    if problem.m + 1 > FUSED_M1 or problem.p > FUSED_P:
+        return False, (f"the compiled kernel takes blocks with m + 1 <= {FUSED_M1} inputs and p <= {FUSED_P} "
+                       f"outputs, got m = {problem.m}, p = {problem.p}")
+    return True, ""
+
+
+def _odeint_compiled(
+    fun: Fun, Y0: np.ndarray, teval: np.ndarray, sl: slice, method: str, dt: float, rtol: float, atol: float,
+    evs: list[FaceEvent], face_atol: float, split_switches: bool, workers: int, max_stages: int, out: np.ndarray,
+    chunk: int | None,
+) -> BatchResult:
+    from .block_ode import odeint_block
+
+    problem = fun.problem  # type: ignore[attr-defined]
+    if sl != problem.theta_slice:
+        raise ValueError(f"theta_slice must be the block's gates {problem.theta_slice}, got {sl}")
+    Y = np.array(Y0, dtype=np.float64)
+    Y[:, sl] = project(Y[:, sl])
+    target = out if out.flags.c_contiguous else np.empty(out.shape)
+    _, hit_t, st, wall = odeint_block(
+        problem, Y, teval, method=method, dt=dt, rtol=rtol, atol=atol, events=evs, face_atol=face_atol,
+        split_switches=split_switches, workers=workers, max_stages=max_stages, out=target, chunk=chunk,
+    )
+    if target is not out:
+        out[...] = target
+    return BatchResult(
+        t=teval.copy(), y=out, nfev=st["nfev"], ncalls=st["nfev"], wall_time=wall, method=method, dt=dt,
+        theta_slice=sl, t_events=hit_t, switches=st["switches"], steps=st["steps"], backend="numba",
+        failed=st["failed"], thread_cpu=st["thread_cpu"],
     )
 
 
@@ -1248,6 +1341,7 @@ __all__ = [
     "OdeResult",
     "RKCCoefficients",
     "Tableau",
+    "backend_for",
     "hits_one",
     "hits_zero",
     "odeint",
