@@ -181,7 +181,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             _say(f"error: {exc}", err=True)
             return 2
-        data = load_data(cfg)
+        try:
+            data = load_data(cfg)
+        except ValueError as exc:  # data given in Python (data.name = "custom"), a dataset that is gone
+            _say(f"error: {args.run}: {exc}", err=True)
+            return 2
         split = data.test if args.split == "test" else data.train
         loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device,
                              rank=dist.rank, world_size=dist.world_size)
@@ -218,12 +222,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_run, load_run
 
     try:
-        cfg, model, _ = load_run(args.run)
+        cfg, model, ckpt = load_run(args.run)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
-    written = export_run(model, out, onnx=args.onnx or cfg.export.onnx)
+    written = export_run(model, out, onnx=args.onnx or cfg.export.onnx, data=ckpt.get("data"))
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

@@ -35,7 +35,9 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet")
+#: ``data.name`` values: the named datasets, your own image folder or ``.npz`` file (``data.root``), and
+#: ``custom`` (torch Datasets given in Python, recorded by the run; :func:`pruning.userdata.from_datasets`).
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "folder", "array", "custom")
 MODES = ("combined", "layer", "unit", "none")
 ESTIMATORS = ("straight-through", "exact-difference")
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,7 +86,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """``[data]``: ``pruning.data.load_dataset(name, root, **options)``; optional deterministic subsets."""
+    """``[data]``: ``pruning.data.load_dataset(name, root, **options)``; optional deterministic subsets.
+
+    ``name = "folder"``: ``root`` is a folder with ``train/<class>/`` images (and ``test/`` or ``val/``);
+    ``name = "array"``: ``root`` is an ``.npz`` file (``x``, ``y``, optional ``x_test``, ``y_test``,
+    ``classes``); both relative to the working directory (:mod:`pruning.userdata`).
+    """
 
     name: str = "mnist1d"
     root: str | None = None
@@ -426,10 +433,11 @@ def _kwargs_errors(arch: str, kwargs: Mapping[str, Any]) -> list[str]:
 
 
 def _data_option_errors(d: DataConfig) -> list[str]:
-    """``[data.options]`` against the keyword options of the dataset's loader (names with "did you mean", types)."""
+    """``[data.options]`` against the keyword options of the dataset's loader (names with "did you mean", types)
+    and the ranges the dataset declares (``pruning.data.OPTION_RULES``)."""
     if d.name not in DATASETS:
         return []
-    from .data import dataset_options  # the loaders' own signatures: one description of what each accepts
+    from .data import dataset_option_errors, dataset_options  # the loaders' own declarations of what each accepts
 
     accepted = dataset_options(d.name)
     if accepted is None:  # the loader takes any keyword
@@ -442,7 +450,8 @@ def _data_option_errors(d: DataConfig) -> list[str]:
                           f"(known: {', '.join(accepted) or 'none'})")
         elif not _check_type(value, accepted[key])[0]:
             errors.append(_value_error(name, value, accepted[key]))
-    return errors
+    typed = {k: v for k, v in d.options.items() if k in accepted and _check_type(v, accepted[k])[0]}
+    return errors + dataset_option_errors(d.name, typed)
 
 
 def from_dict(raw: Mapping[str, Any], *, source: str = "") -> RunConfig:
@@ -549,16 +558,22 @@ def load_config(
 
 
 def _file_errors(cfg: RunConfig) -> list[str]:
-    """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read)."""
+    """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read):
+    ``model.spec``, and the image folder or ``.npz`` file of ``data.root`` (headers only, no data loaded)."""
+    errors: list[str] = []
+    if cfg.data.name in ("folder", "array"):
+        from .userdata import source_errors
+
+        errors += source_errors(cfg.data.name, cfg.data.root, cfg.data.options)
     if cfg.model.arch != "spec":
-        return []
+        return errors
     from theory.spec import load_spec
 
     try:
         load_spec(cfg.model.spec)
     except ValueError as exc:
-        return [f"model.spec: {exc}"]
-    return []
+        errors.append(f"model.spec: {exc}")
+    return errors
 
 
 def to_toml(cfg: RunConfig) -> str:
