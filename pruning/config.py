@@ -561,7 +561,7 @@ def _file_errors(cfg: RunConfig) -> list[str]:
     """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read):
     ``model.spec``, and the image folder or ``.npz`` file of ``data.root`` (headers only, no data loaded)."""
     errors: list[str] = []
-    if cfg.data.name in ("folder", "array"):
+    if cfg.data.name in ("folder", "array", "custom"):
         from .userdata import source_errors
 
         errors += source_errors(cfg.data.name, cfg.data.root, cfg.data.options)

@@ -10,7 +10,13 @@ digits     ``sklearn.datasets``           (1, 8, 8)/(64,) 10      in memory, flo
 cifar10    python pickle batches          (3, 32, 32)     10      in memory, uint8 (normalised
 cifar100   python pickle batches          (3, 32, 32)     100/20  per batch to float32)
 imagenet   ``train/<wnid>/*.JPEG``, val   (3, 224, 224)   1000    lazily from disk with PIL
+folder     ``train/<class>/*.png``, test  (C, crop, crop)  folders lazily from disk with PIL
+array      an ``.npz`` file (x, y, ...)   x.shape[1:]      labels  in memory, as stored
 ========== ============================== =============== ======= ===============================
+
+(``folder``, ``array`` and ``custom`` — torch Datasets given in Python — live in :mod:`pruning.userdata`.)
+Every :class:`DataSplits` records its :class:`Preprocess` (scale, per-channel mean/std, what a raw
+input is), which checkpoints and exports carry.
 
 and :func:`make_loader` turns a split into an :class:`EpochLoader`: the batches of epoch ``e``
 (their order *and* their augmentation) are a function of ``(seed, e)`` only, so a resumed run sees
@@ -801,7 +807,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"augment must be one of {', '.join(FOLDER_AUGMENTS)}, got {augment!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
-        if (mean is None) != (std is None) or mean is not None and (len(mean) != channels or len(std or ()) != channels):
+        if (mean is None) != (std is None) or (mean is not None and std is not None
+                                               and (len(mean) != channels or len(std) != channels)):
             raise ValueError(f"mean and std must both be given with {channels} values each, or both be None")
         self.root = Path(split_dir)
         self.train = train

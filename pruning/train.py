@@ -83,7 +83,6 @@ from .checkpoint import (
 )
 from .config import RunConfig, from_dict, to_toml
 from .data import DataSplits, make_loader
-from .userdata import from_datasets
 from .distributed import (
     DistContext,
     PeerLost,
@@ -108,6 +107,7 @@ from .rundir import CONFIG_ECHO, RunDirError, RunSession
 from .runlog import RunLog
 from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
 from .step import NonFiniteObjective, algorithm1_step
+from .userdata import from_datasets
 
 
 class TrainingDiverged(RuntimeError):

@@ -223,7 +223,8 @@ def folder_stats(train: ImageFolderDataset, cache_dir: Path | None = None
             atomic_write_text(path, json.dumps({"mean": mean, "std": std, "images": len(view),
                                                 "size": view.resize_size, "crop": view.image_size}, indent=1))
         except OSError as exc:
-            warnings.warn(f"folder: cannot cache the normalisation statistics in {path.parent} ({exc.strerror or exc}); "
+            warnings.warn(f"folder: cannot cache the normalisation statistics in {path.parent} "
+                          f"({exc.strerror or exc}); "
                           "they are recomputed at every load (data.options.cache = false silences this)", stacklevel=2)
     return mean, std
 
@@ -310,7 +311,7 @@ def load_array(
     std: list[float] | None = None,
     augment: str = "none",
 ) -> DataSplits:
-    """An array dataset: the ``.npz`` file ``root`` with ``x``, ``y`` and optionally ``x_test``, ``y_test``, ``classes``.
+    """An array dataset: the ``.npz`` file ``root`` with ``x``, ``y``, optionally ``x_test``, ``y_test``, ``classes``.
 
     ``x`` (N, F), (N, C, L) or (N, C, H, W) — the shape decides features, 1-D signals or images —
     of any float or integer dtype (kept as stored; batches are float32); ``y`` (N,) integer labels
@@ -341,7 +342,8 @@ def load_array(
     for key in ("x", "x_test"):
         if key in arrays and arrays[key].dtype.kind == "f" and not np.isfinite(arrays[key]).all():
             bad = np.argwhere(~np.isfinite(arrays[key]))[0]
-            raise DatasetError(f"{path}: {key!r} holds a non-finite value (first at index {tuple(int(i) for i in bad)})")
+            where = tuple(int(i) for i in bad)
+            raise DatasetError(f"{path}: {key!r} holds a non-finite value (first at index {where})")
     if "x_test" in arrays:
         x_train, y_train, x_test, y_test = x, y, arrays["x_test"], labels[1][1]
         split = "x_test/y_test"
@@ -442,8 +444,9 @@ class TorchDataset(Dataset):
     def _sample(self, index: int) -> tuple[Tensor, int]:
         sample = self.dataset[index]
         if not isinstance(sample, tuple | list) or len(sample) != 2:
+            length = f" of length {len(sample)}" if isinstance(sample, tuple | list) else ""
             raise DatasetError(f"{self.name}[{index}]: expected an (input, label) pair, got "
-                               f"{type(sample).__name__}{f' of length {len(sample)}' if isinstance(sample, tuple | list) else ''}")
+                               f"{type(sample).__name__}{length}")
         x, y = sample
         x = torch.as_tensor(x)
         x = x.to(torch.float32) if x.dtype != torch.float32 else x
@@ -572,6 +575,9 @@ USER_OPTION_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
 
 def source_errors(name: str, root: str | None, options: dict[str, Any]) -> list[str]:
     """Problems with the files a ``[data]`` section names, found without loading them (configuration time)."""
+    if name == "custom":
+        return ["data.name: 'custom' marks torch Datasets given in Python (pruning.from_datasets, "
+                "Trainer(cfg, out, data=...)); a configuration names 'folder' or 'array' data instead"]
     if name == "array":
         return array_file_errors(root)
     if name == "folder":

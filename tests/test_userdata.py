@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from pruning.build import load_data
+from pruning.build import data_record, load_data
 from pruning.cli import main as cli
 from pruning.config import ConfigError, load_config
 from pruning.data import DatasetError, DataSplits, ImageFolderDataset, load_dataset, make_loader
 from pruning.export import ExportMetadata, load_export, load_metadata
-from pruning.train import Trainer
+from pruning.train import Trainer, load_run
 from pruning.userdata import CACHE_DIR, array_stats, from_datasets, holdout_split
 
 CLASSES = ("eel", "cat", "dog")  # folders; the classes are their sorted names
@@ -257,10 +257,13 @@ def test_array_value_problems_and_the_command_line_exit_code(tmp_path, capsys):
 def test_folder_trains_and_the_export_carries_classes_and_normalisation(tmp_path):
     root = write_folder(tmp_path / "imgs")
     cfg = load_config(None, [*FAST, "data.name=folder", f"data.root={json.dumps(str(root))}", "data.options.size=8",
-                             "data.options.augment=\"crop-flip\"", "model.arch=resnet20", "model.kwargs.width=4"])
+                             "data.options.augment=\"crop-flip\"", "model.arch=resnet20", "model.kwargs.width=4",
+                             "export.enabled=false"])  # fit() and the command line export alike (export_run)
     report = Trainer(cfg, tmp_path / "run").fit()
     assert report is not None and 0.0 <= report["test_accuracy"] <= 1.0
-    program, meta = load_export(tmp_path / "run" / "export")
+    # the command line's export, from the run folder alone
+    assert cli(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    program, meta = load_export(tmp_path / "export")
     data = load_data(cfg)
     assert isinstance(meta, ExportMetadata)
     assert (meta.classes, meta.input_shape, meta.num_classes, meta.dataset) == (("cat", "dog", "eel"), (3, 8, 8), 3,
@@ -269,11 +272,9 @@ def test_folder_trains_and_the_export_carries_classes_and_normalisation(tmp_path
     # a deployed network: raw pixels in, the metadata's preprocessing, the trained network's outputs
     raw = torch.stack([data.test.pixels(i) for i in range(4)])
     x = torch.stack([data.test[i][0] for i in range(4)])
-    _, model, _ = __import__("pruning.train", fromlist=["load_run"]).load_run(tmp_path / "run")
+    _, model, ckpt = load_run(tmp_path / "run")
     assert torch.allclose(program(meta.prepare(raw)), model(x), atol=1e-4)
-    # the command line's export writes the same metadata from the run folder alone
-    assert cli(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "again")]) == 0
-    assert load_metadata(tmp_path / "again") == meta
+    assert ckpt["data"] == data_record(data) and load_metadata(tmp_path / "export") == meta
     with pytest.raises(ValueError, match="expected a batch of inputs shaped"):
         meta.prepare(torch.zeros(2, 3, 9, 9))
 
@@ -355,4 +356,3 @@ def test_splits_record_their_preprocessing():
     assert isinstance(digits, DataSplits) and digits.preprocess.scale == pytest.approx(1 / 16)
     raw = torch.from_numpy(__import__("sklearn.datasets", fromlist=["x"]).load_digits().images[:3]).unsqueeze(1)
     assert digits.preprocess.apply(raw).shape == (3, 1, 8, 8)
-    assert load_dataset("mnist1d").preprocess.mean is None
