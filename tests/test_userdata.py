@@ -254,10 +254,50 @@ def test_array_value_problems_and_the_command_line_exit_code(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
+TINY_NET = """name = "tiny"
+input_shape = [3, 8, 8]
+num_classes = 3
+[[stem]]
+kind = "conv2d"
+in_width = 3
+out_width = 4
+kernel = 3
+bn = true
+act = true
+[[blocks]]
+in_width = 4
+out_width = 4
+[[blocks.path]]
+kind = "conv2d"
+in_width = 4
+out_width = 4
+kernel = 3
+bn = true
+act = true
+[[blocks.path]]
+kind = "conv2d"
+in_width = 4
+out_width = 4
+kernel = 3
+bn = true
+[[head]]
+kind = "linear"
+in_width = 4
+out_width = 3
+bias = true
+"""
+
+
+def write_spec(path: Path) -> Path:
+    path.write_text(TINY_NET)
+    return path
+
+
 def test_folder_trains_and_the_export_carries_classes_and_normalisation(tmp_path):
     root = write_folder(tmp_path / "imgs")
     cfg = load_config(None, [*FAST, "data.name=folder", f"data.root={json.dumps(str(root))}", "data.options.size=8",
-                             "data.options.augment=\"crop-flip\"", "model.arch=resnet20", "model.kwargs.width=4",
+                             "data.options.augment=\"crop-flip\"", "model.arch=spec",
+                             f"model.spec={json.dumps(str(write_spec(tmp_path / 'net.toml')))}",
                              "export.enabled=false"])  # fit() and the command line export alike (export_run)
     report = Trainer(cfg, tmp_path / "run").fit()
     assert report is not None and 0.0 <= report["test_accuracy"] <= 1.0
