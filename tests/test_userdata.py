@@ -401,4 +401,5 @@ def test_old_exports_and_broken_metadata_are_named(tmp_path):
 def test_splits_record_their_preprocessing():
     digits = load_dataset("digits")
     assert isinstance(digits, DataSplits) and digits.preprocess.scale == pytest.approx(1 / 16)
-    assert len(digits.preprocess.mean) == 1 and digits.preprocess.apply(torch.full((2, 1, 8, 8), 16.0)).shape == (2, 1, 8, 8)
+    assert len(digits.preprocess.mean) == 1
+    assert digits.preprocess.apply(torch.full((2, 1, 8, 8), 16.0)).shape == (2, 1, 8, 8)
