@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ def plan_sweep(config: str | Path | None, grid: Sequence[str], *, seeds: int = 1
                overrides: Sequence[str] = ()) -> SweepPlan:
     """Parse and validate the grid against the configuration: every field, value and point of the product.
 
-    Raises :class:`ConfigError` naming each bad field (``--grid 'gamma=-1': objective.gamma: must be > 0``);
+    Raises :class:`ConfigError` naming each bad field (``--grid gamma=-1 rho=0.2: objective.gamma: must be > 0``);
     reads nothing but the configuration (and the files it names) and writes nothing.
     """
     base = load_config(config, overrides)  # the configuration without the grid must be valid on its own
@@ -220,15 +220,10 @@ def plan_sweep(config: str | Path | None, grid: Sequence[str], *, seeds: int = 1
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         errors.append(f"--seeds: must be an integer >= 1, got {seeds!r}")
     axes = parse_grid(grid)
-    for ax in axes:  # each value on its own: the messages name the field and the value
-        for text in ax.texts:
-            try:
-                load_config(config, [*overrides, f"{ax.field}={text}"])
-            except ConfigError as exc:
-                errors += [f"--grid {ax.label}={text}: {e}" for e in exc.errors]
     if errors:
         raise ConfigError(errors, str(config) if config else "")
     seed_list = tuple(base.train.seed + k for k in range(seeds))
+    seen_errors: set[str] = set()
     points: list[Point] = []
     names: dict[str, Point] = {}
     configs: dict[tuple[str, int], RunConfig] = {}
@@ -242,12 +237,15 @@ def plan_sweep(config: str | Path | None, grid: Sequence[str], *, seeds: int = 1
                           f"{name!r}; give distinct values")
             continue
         names[name] = point
-        try:  # the combination (a field may constrain another, e.g. lr_min <= lr)
-            for s in seed_list:
-                configs[(name, s)] = load_config(config, [*overrides, *point.overrides(), f"train.seed={s}"])
-        except ConfigError as exc:
-            errors += [f"--grid setting {' '.join(point.overrides())}: {e}" for e in exc.errors]
+        try:  # every combination (a field may constrain another, e.g. optim.weights.lr_min <= lr)
+            cfg = load_config(config, [*overrides, *point.overrides()])
+        except ConfigError as exc:  # each problem once, with the first setting that shows it
+            where = " ".join(f"{ax.label}={t}" for ax, t in zip(axes, texts))
+            errors += [f"--grid {where}: {e}" for e in exc.errors if e not in seen_errors]
+            seen_errors.update(exc.errors)
             continue
+        for s in seed_list:
+            configs[(name, s)] = replace(cfg, train=replace(cfg.train, seed=s))
         points.append(point)
     if errors:
         raise ConfigError(errors, str(config) if config else "")
@@ -297,8 +295,8 @@ def run_state(plan: SweepPlan, point: Point, seed: int) -> str:
         try:
             check_resume_config(from_dict(state.checkpoint["config"]), plan.configs[(point.name, seed)])
         except (ValueError, KeyError) as exc:
-            raise RunDirError(f"{d} holds a run of another configuration ({str(exc).removeprefix('--resume: ')}); "
-                              "use another --out") from None
+            why = str(exc).rpartition("checkpoint's in ")[2] or str(exc)
+            raise RunDirError(f"{d} holds a run of another configuration ({why} differ); use another --out") from None
         if state.finished and (d / REPORT_JSON).is_file():
             return "done"
     if _last_status(d) == "diverged":
@@ -362,10 +360,14 @@ def run_sweep(plan: SweepPlan, *, retry_failed: bool = False, argv: Sequence[str
         t0 = time.perf_counter()
         try:
             report = train(plan.configs[(point.name, seed)], d, resume=resume, overwrite=not resume and state != "new",
-                           argv=[*cmd, f"# {d}"])
-        except RunInterrupted as stop:
+                           argv=cmd)
+        except RunInterrupted as stop:  # SIGINT/SIGTERM during training: a checkpoint at the current step
             log(f"  stopped: {stop}; run the same sweep command again to continue")
             outcome.interrupted = stop.exit_code
+            break
+        except KeyboardInterrupt:  # Ctrl-C outside a training step (start-up, data loading)
+            log("  stopped (Ctrl-C); run the same sweep command again to continue")
+            outcome.interrupted = 130
             break
         except ConfigError:  # the network does not fit the data etc.: every later run would fail alike
             write_results(plan)

@@ -61,7 +61,7 @@ def test_parse_grid_aliases_lists_and_folder_names(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("grid", "message"), [
     (["gama=0.1"], "unknown field 'gama' (did you mean 'gamma'?)"),
     (["objective.gama=0.1"], "objective.gama: unknown key (did you mean 'gamma'?)"),
-    (["gamma=0.1,-1"], "--grid gamma=-1: objective.gamma: must be > 0, got -1.0"),
+    (["gamma=0.1,-1", "rho=0.2,0.8"], "--grid gamma=-1 rho=0.2: objective.gamma: must be > 0, got -1.0"),
     (["rho=0.5,2"], "objective.rho: must lie in [0, 1], got 2.0"),
     (["train.epochs=1,two"], "train.epochs: expected integer, got str 'two'"),
     (["gamma"], "expected FIELD=V1,V2"),
@@ -69,12 +69,21 @@ def test_parse_grid_aliases_lists_and_folder_names(tmp_path: Path) -> None:
     (["gamma=0.1,0.10"], "given more than once"),
     (["gamma=0.1", "objective.gamma=0.2"], "field objective.gamma is already given"),
     (["train.seed=1,2"], "use --seeds N"),
-    (["optim.weights.lr=0.01,0.1", "optim.weights.lr_min=0.05"], "optim.weights.lr_min: must lie in [0, lr]"),
+    (["optim.weights.lr=0.01,0.1", "optim.weights.lr_min=0.05"],
+     "--grid optim.weights.lr=0.01 optim.weights.lr_min=0.05: optim.weights.lr_min: must lie in [0, lr]"),
 ])
 def test_grid_errors_name_the_field(tmp_path: Path, grid: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         plan_sweep(None, grid, out=tmp_path / "s")
     assert message in str(err.value)
+    assert len(err.value.errors) == 1  # each problem once, however many settings share it
+
+
+def test_cross_field_constraints_hold_per_setting(tmp_path: Path) -> None:
+    # lr_min = 0.2 is valid with lr = 0.5 (not with the default lr = 0.1): only the combinations count
+    plan = plan_sweep(None, ["optim.weights.lr=0.5,1.0", "optim.weights.lr_min=0.2"], out=tmp_path / "s")
+    assert [p.name for p in plan.points] == ["optim.weights.lr0.5_optim.weights.lr-min0.2",
+                                             "optim.weights.lr1.0_optim.weights.lr-min0.2"]
 
 
 def test_cli_refuses_a_bad_grid_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +143,7 @@ def test_tiny_sweep_resumes_skips_and_aggregates(tmp_path: Path, capsys: pytest.
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint.pt")} == stamps
     # the same folder with another configuration is refused before anything runs
     assert main(["sweep", *grid, "--out", str(out), *SETS, "--set", "train.batch_size=16"]) == 2
-    assert "another configuration (train.batch_size" in capsys.readouterr().err
+    assert "another configuration (train.batch_size differ)" in capsys.readouterr().err
 
     # the comparison tables of experiments/compare.py read the sweep's folder
     C = _compare()
