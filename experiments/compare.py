@@ -398,6 +398,7 @@ def record_from_dir(d: Path) -> dict[str, Any] | None:
         **setting_dict(s),
         "setting": s,
         "seed": int(rep["config"]["train"]["seed"]),
+        "arch": rep["config"].get("model", {}).get("arch", "?"),
         "epochs": int(rep["epochs_completed"]),
         "acc": float(rep["test_accuracy"]),
         "fPR": float(rep["fPR"]),
@@ -884,7 +885,8 @@ def write_runs_results(root: Path, records: Sequence[dict[str, Any]], figures: S
         "",
     ]
     for ds in datasets:
-        L += [f"## {DATASET_TITLES.get(ds, ds)}", "", *results_table(rows, ds), ""]
+        arches = ", ".join(sorted({str(r.get("arch", "?")) for r in records if r["dataset"] == ds}))
+        L += [f"## {ds} ({arches})", "", *results_table(rows, ds), ""]
         if len({r["mode"] for r in rows if r["dataset"] == ds} - {"none"}) > 1:
             L += ["Pareto fronts (accuracy vs fPR, per-setting means):", "", *dominance_text(rows, ds), ""]
     if not datasets:

@@ -473,6 +473,7 @@ def results_markdown(plan: SweepPlan, results: dict[str, Any]) -> str:
     lines = [
         f"# Sweep: {plan.config or 'the default configuration'}",
         "",
+        "Grid: " + (", ".join(f"`{ax.label}={','.join(ax.texts)}`" for ax in plan.axes) or "none") + "; "
         f"{len(plan.points)} setting(s) × seeds {', '.join(map(str, plan.seeds))}; runs finished: "
         f"**{results['runs_finished']} of {results['runs_total']}**."
         + (f" Overrides for every run: `{' '.join(plan.overrides)}`." if plan.overrides else ""),
