@@ -332,10 +332,14 @@ def run_sweep(plan: SweepPlan, *, retry_failed: bool = False, argv: Sequence[str
     recorded and the sweep goes on; SIGINT/SIGTERM stop it after the current run's checkpoint
     (``interrupted`` = 128 + signal); the aggregate is written in every case.
     """
-    from .config import ConfigError
     from .interrupt import RunInterrupted
+    from .rundir import RunDirError, inspect_folder
     from .train import TrainingDiverged, train
 
+    kind = inspect_folder(plan.out).kind
+    if kind in ("run", "file"):
+        raise RunDirError(f"--out {plan.out} is {'a file' if kind == 'file' else 'the folder of one run'}, not a "
+                          "sweep folder; choose a new folder (or the folder of an earlier sweep)")
     runs = plan.runs()
     states = {(p.name, s): run_state(plan, p, s) for p, s in runs}  # RunDirError: nothing written yet
     wanted = ("new", "resume", "restart", "diverged") if retry_failed else ("new", "resume", "restart")
@@ -537,6 +541,9 @@ def main(args: Any) -> int:
     try:
         plan = plan_sweep(args.config, args.grid or [], seeds=args.seeds, out=out, overrides=args.set or [])
         if args.report_only:
+            if not (out / SWEEP_JSON).is_file():
+                print(f"error: --report-only: {out} holds no sweep ({out / SWEEP_JSON} is missing)", file=sys.stderr)
+                return 2
             results = write_results(plan)
             print(f"wrote {out / RESULTS_JSON} and {out / RESULTS_MD} ({results['runs_finished']} of "
                   f"{results['runs_total']} runs finished)")

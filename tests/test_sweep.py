@@ -92,7 +92,15 @@ def test_cli_refuses_a_bad_grid_before_writing(tmp_path: Path, capsys: pytest.Ca
     assert "objective.delta: must be >= 0" in capsys.readouterr().err
     assert main(["sweep", "--grid", "gamma=0.1", "--seeds", "0", "--out", str(out), *SETS]) == 2
     assert "--seeds: must be an integer >= 1" in capsys.readouterr().err
+    assert main(["sweep", "--grid", "gamma=0.1", "--report-only", "--out", str(out), *SETS]) == 2
+    assert "holds no sweep" in capsys.readouterr().err
     assert not out.exists()
+    run = tmp_path / "a-run"  # the folder of one training is not a sweep folder
+    run.mkdir()
+    (run / "provenance.json").write_text(json.dumps({"toolkit": "structure-discovery", "runs": []}))
+    assert main(["sweep", "--grid", "gamma=0.1", "--out", str(run), *SETS]) == 2
+    assert "is the folder of one run, not a sweep folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["provenance.json"]
 
 
 # -- a tiny real sweep --------------------------------------------------------------------------------
