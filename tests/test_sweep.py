@@ -190,3 +190,32 @@ def test_interrupted_sweep_writes_partial_results(tmp_path: Path, monkeypatch: p
     assert res["runs_finished"] == 0 and not res["complete"]
     assert all(s["mean"]["accuracy"] is None for s in res["settings"])
     assert "0 of 2" in (out / "results.md").read_text()
+
+
+def test_failed_runs_are_reported_and_skipped_until_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import pruning.train
+
+    calls: list[tuple[str, bool, bool]] = []
+
+    def diverge(cfg: object, out: Path, *, resume: bool, overwrite: bool, argv: object) -> None:
+        calls.append((Path(out).parent.name, resume, overwrite))
+        raise pruning.train.TrainingDiverged("non-finite objective at epoch 1, iteration 2/2")
+
+    monkeypatch.setattr(pruning.train, "train", diverge)
+    out = tmp_path / "s"
+    # an earlier attempt of the first setting diverged (its provenance says so, no checkpoint)
+    first = out / "gamma0.1" / "seed0"
+    first.mkdir(parents=True)
+    (first / "provenance.json").write_text(json.dumps({"toolkit": "structure-discovery",
+                                                       "runs": [{"status": "diverged"}]}))
+    assert main(["sweep", "--grid", "gamma=0.1,0.2", "--out", str(out), *SETS]) == 1  # the sweep goes on
+    assert calls == [("gamma0.2", False, False)]
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["failures"]) == 2 and "--retry-failed" in res["failures"][0]
+    assert "diverged: non-finite objective" in res["failures"][1]
+    assert "Failed runs:" in (out / "results.md").read_text()
+    capsys.readouterr()
+    calls.clear()
+    assert main(["sweep", "--grid", "gamma=0.1,0.2", "--out", str(out), "--retry-failed", *SETS]) == 1
+    assert calls == [("gamma0.1", False, True), ("gamma0.2", False, False)]  # started over; the other was new
