@@ -22,6 +22,7 @@ The public API, importable from here (loaded on first use)::
     pruning.save_export(pruning.export_deterministic(model), "runs/x/export", onnx=True)
     program, meta = pruning.load_export("runs/x/export")       # the network + input shape, classes, mean/std
     logits = program(meta.prepare(raw_batch))
+    results = pruning.sweep_grid("cfg.toml", ["gamma=0.02,0.05", "rho=0.2,0.8"], seeds=3, out="runs/sweep1")
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _API = {
     # (the function pruning.train.train is not listed: ``pruning.train`` is its module)
     "Trainer": ".train", "load_run": ".train", "export_run": ".train",
     "TrainingDiverged": ".train", "prune": ".compaction",
+    "sweep_grid": ".sweep",
     # deployment
     "export_deterministic": ".export", "save_export": ".export", "save_onnx": ".export",
     "DeterministicNetwork": ".export", "load_export": ".export", "load_metadata": ".export",

@@ -1,4 +1,4 @@
-"""Command line of the training toolkit: ``python -m pruning {train,evaluate,export,flops} ...``."""
+"""Command line of the training toolkit: ``python -m pruning {train,sweep,evaluate,export,flops} ...``."""
 
 from __future__ import annotations
 
@@ -233,6 +233,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A grid of configuration values × seeds, one run folder each, then results.json/.md (``pruning.sweep``)."""
+    from .sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pruning",
@@ -253,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
                         "reports how many recover (premature-pruning rate) and how many were certified")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="train every point of a grid of configuration values × seeds, then aggregate",
+                       description="Train the cartesian product of --grid × --seeds one run after the other, each in "
+                                   "<out>/<setting>/seed<k>; rerun the same command to continue a stopped sweep. "
+                                   "Writes <out>/results.json and results.md (mean ± sd over seeds).")
+    p.add_argument("--config", help="TOML configuration (default: the embedded default)")
+    p.add_argument("--grid", nargs="+", action="extend", metavar="FIELD=V1,V2",
+                   help="values per field: gamma, rho, delta, lambda (objective.*) or any dotted configuration "
+                        "field, e.g. --grid gamma=0.02,0.05 rho=0.2,0.8 optim.theta.lr=0.01,0.03")
+    p.add_argument("--seeds", type=int, default=1, help="runs per setting, seeds train.seed + 0..N-1 (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
+    p.add_argument("--out", help="sweep folder (default: runs/sweep_<config name>)")
+    p.add_argument("--retry-failed", action="store_true", help="train again runs whose last attempt diverged")
+    p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("evaluate", help="accuracy and FLOPs of a run's latest checkpoint (mean-field network)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--split", choices=("test", "train"), default="test")
