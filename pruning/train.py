@@ -140,7 +140,6 @@ class Progress:
     epoch_sums: list[list[float]] = field(default_factory=list)
     epoch_cum_flops: float = 0.0
     epoch_time_s: float = 0.0
-    timing: dict[str, Any] = field(default_factory=dict)  # pruning.timing.RunTimer.state()
 
 
 def _event_record(event: Any, epoch: int, step: int) -> dict[str, Any] | None:
@@ -267,7 +266,7 @@ class Trainer:
         #: what a training step runs forward through: the network, or its DDP wrapper (rebuilt after compaction)
         self.forward: torch.nn.Module = wrap_ddp(self.model, self.dist, self.device)
         self._gate_rng = torch.Generator(device=self.device)
-        self.timer = RunTimer(self, self.progress.timing)  # measured step times (pruning.timing)
+        self.timer = RunTimer(self, None if ckpt is None else ckpt.get("timing"))  # measured step times
         self.stops = StopSignals()
         self._epoch_sums, self._epoch_cum = self._restore_epoch_sums()
         self._epoch_t0 = time.perf_counter() - self.progress.epoch_time_s
@@ -321,8 +320,8 @@ class Trainer:
                 "events": p.events, "batch": p.batch, "epoch_sums": rows,
                 "epoch_cum_flops": float(self._epoch_cum) if inside else 0.0,
                 "epoch_time_s": time.perf_counter() - self._epoch_t0 if inside else 0.0,
-                "timing": self.timer.state(),
             },
+            "timing": self.timer.state(),  # measured step times (pruning.timing): differ between runs
             "rng": capture_rng(),
             "audit": self.audit.state_dict(),
             "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed, "batch": p.batch,
