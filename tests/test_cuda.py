@@ -84,10 +84,11 @@ def test_compaction_on_device_carries_optimizer_state(device: torch.device) -> N
     opt_w.step()
     assert opt_t is not None
     opt_t.step()
-    gates = model.gate_parameters()
+    units = [g for g in model.gate_parameters() if g.dim() == 1]
+    blocks = [g for g in model.gate_parameters() if g.dim() == 0]
     with torch.no_grad():
-        gates[0][: gates[0].numel() // 2] = 0.0  # half of the first gated layer's units
-        gates[-1].fill_(0.0)  # and the last gate (a block gate or a unit layer)
+        units[0][: units[0].numel() // 2] = 0.0  # half of the first gated layer's units
+        blocks[-1].fill_(0.0)  # and the last block
     flops0 = model.spec()
     event = prune(model, 0.1, [opt_w, opt_t], step=1)
     assert not event.empty and model.spec() != flops0
@@ -111,7 +112,7 @@ def test_export_on_device_matches_the_mean_field_network(tmp_path: Path, device:
     model = build_model("resnet20", num_classes=10, width=8, image_size=8, in_channels=3,
                         theta_init=0.7).to(device).eval()
     with torch.no_grad():
-        model.gate_parameters()[0][:3] = 0.05
+        next(g for g in model.gate_parameters() if g.dim() == 1)[:3] = 0.05
     det = export_deterministic(model, eps=0.1)
     assert next(det.parameters()).device.type == device.type
     x = torch.randn(5, 3, 8, 8, device=device)
