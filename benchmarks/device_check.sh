@@ -133,7 +133,7 @@ print(f"  measured training-time ratio (wall clock)     {f(r['measured_train_tim
 print(f"  steady-state training-time ratio              {f(t.get('steady_train_time_ratio'))}")
 print(f"  whole-loop wall clock / dense reference step  {f(t.get('loop_wall_clock_per_step_ratio'))}")
 print(f"  gate overhead at start (gated / plain step)   {f(t.get('gate_overhead_at_start'))}"
-      f"  [{ms(t.get('gated_dense_step_s'))} / {ms(t.get('dense_reference_step_s'))}]")
+      f"  [{ms(t.get('gated_step_s'))} / {ms(t.get('dense_reference_step_s'))}]")
 print(f"  inference speed-up (measured, batch {inf.get('batch')})     {f(inf.get('speedup'), '.2f')}"
       f"  [{ms(inf.get('pruned_s'))} vs {ms(inf.get('dense_s'))}]")
 for s in t.get("structures", []):

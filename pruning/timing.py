@@ -34,7 +34,7 @@ What the report calls what (:func:`summary`, :func:`markdown_lines`):
 * *whole-loop wall clock per step / dense reference step* — the training wall clock (data loading,
   ε-rule, compaction, audit and mid-epoch checkpoints included) per step over the reference step;
 * *gate overhead at start* — median of the paired ratios (gated dense step / plain dense step)
-  over the reference steps.
+  over the reference steps; empty when a compaction came before the last paired step.
 
 The ε-rule, logging and checkpoints are outside the timed step; the end-of-epoch evaluation is
 outside the training wall clock.
@@ -192,7 +192,7 @@ class RunTimer:
         self._pending.append((self._t0, end, warm))
         j = self._pair_index()
         if j is not None and j > 0:
-            self._pairs.setdefault(j, {})["real"] = (self._t0, end)
+            self._pairs.setdefault(j, {}).update(real=(self._t0, end), flops_ratio=self._cur["flops_ratio"])
         self._cur["steps"] += 1
         self._since_open += 1
         self.local_steps += 1
@@ -243,11 +243,13 @@ class RunTimer:
 
     def _finish_reference(self) -> None:
         pairs = []
+        ratios = []  # FLOPs ratio of the structure each paired real step ran (< 1: compacted in the window)
         for p in self._pairs.values():
             if "real" in p and "ref" in p:
                 real, ref = self.clock.seconds(*p["real"]), self.clock.seconds(*p["ref"])
                 if real is not None and ref is not None:
                     pairs.append((real, ref))
+                    ratios.append(p["flops_ratio"])
         self._pairs = {}
         self._ref = None  # free the reference network and its optimiser state
         if not pairs:
@@ -260,7 +262,9 @@ class RunTimer:
             "steps": len(pairs),
             "reference_step_s": _median(ref_s),
             "gated_step_s": _median(real_s),
-            "gate_overhead": _median([a / b for a, b in pairs if b > 0]),
+            "gated_flops_ratio": min(ratios),
+            # gated / plain step of the same dense network: only when nothing was compacted yet
+            "gate_overhead": _median([a / b for a, b in pairs if b > 0]) if min(ratios) == 1.0 else None,
         })
 
     # -- records -----------------------------------------------------------------------------------
@@ -320,7 +324,8 @@ def summarize(state: dict[str, Any], *, train_time_s: float | None, steps: int, 
         "timing_steps": timing_steps,
         "warmup_steps": WARMUP_STEPS,
         "dense_reference_step_s": ref0,
-        "gated_dense_step_s": first["gated_step_s"] if first else None,
+        "gated_step_s": first["gated_step_s"] if first else None,
+        "gated_flops_ratio": first.get("gated_flops_ratio") if first else None,
         "gate_overhead_at_start": first["gate_overhead"] if first else None,
         "measured_train_time_ratio": total / dense if dense else None,
         "steady_train_time_ratio": steady / dense if dense else None,
@@ -407,8 +412,10 @@ def markdown_lines(timing: dict[str, Any] | None, inference: dict[str, Any] | No
             f"Dense reference: a plain copy of the baseline network (no gates), "
             f"{timing['timing_steps']} training steps on the run's own batches, interleaved with the first real "
             f"steps after {timing['warmup_steps']} warm-up steps, on {timing['device']}: "
-            f"{_ms(timing['dense_reference_step_s'])} per step; the gated network's step then "
-            f"{_ms(timing['gated_dense_step_s'])} (gate overhead at start {_f(timing['gate_overhead_at_start'])}).",
+            f"{_ms(timing['dense_reference_step_s'])} per step; the run's own steps then "
+            f"{_ms(timing['gated_step_s'])} (FLOPs ratio {_f(timing['gated_flops_ratio'])}; gate overhead at start, "
+            f"gated / plain dense step: {_f(timing['gate_overhead_at_start'])}"
+            + (", – as the network was already compacted)." if timing["gate_overhead_at_start"] is None else ")."),
             "",
             "| measure | value |",
             "|---|---|",
