@@ -16,7 +16,9 @@ more than its FLOPs ratio.  This module measures, inside the run itself:
   under :func:`torch.random.fork_rng`, so the trained network, its optimiser state and every RNG
   stream are untouched (a run with ``timing_steps = 0`` ends with the same parameters, bit for bit).
   It is measured again at every start and resume (the device may differ); in a data-parallel run
-  every process builds and steps it at the same iteration, inside a DDP wrapper of its own;
+  every process builds and steps it at the same iteration, inside a DDP wrapper of its own.  While
+  it is timed the device holds a second dense network with its optimiser state (freed afterwards);
+  a run that fills the device's memory needs ``timing_steps = 0``;
 * **a per-structure step-time record** — every real step is timed (``perf_counter`` on CPU; CUDA
   events on a GPU, read without stalling the stream except when a record is written); the steps of
   each structure (from one compaction, start or resume to the next) are summed, the first
