@@ -33,6 +33,9 @@ What the report calls what (:func:`summary`, :func:`markdown_lines`):
 * *measured training-time ratio (wall clock)* — the time of all real steps (warm-up included) over
   (number of steps × the median dense reference step of the same start/resume);
 * *steady-state training-time ratio* — the same with each structure's median steady step time;
+* *CPU-time training-time ratio* (CPU runs) — the same ratio in CPU time (``time.thread_time`` with
+  one torch thread): on a shared machine it leaves out the time the process waited for a core,
+  which wall-clock ratios against a reference measured once at the start cannot;
 * *whole-loop wall clock per step / dense reference step* — the training wall clock (data loading,
   ε-rule, compaction, audit and mid-epoch checkpoints included) per step over the reference step;
 * *gate overhead at start* — median of the paired ratios (gated dense step / plain dense step)
@@ -73,22 +76,31 @@ def _own_rng(device: torch.device) -> Iterator[None]:
 
 
 class _Clock:
-    """Spans of device time: ``perf_counter`` on CPU, CUDA events on a GPU (read later, without a sync)."""
+    """Spans of device time: ``perf_counter`` on CPU, CUDA events on a GPU (read later, without a sync).
+
+    On CPU a mark also reads the CPU time (``time.thread_time`` with one torch thread, else
+    ``time.process_time``), which does not count the time the process waits for a core.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.cpu_clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
 
     def mark(self) -> Any:
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
-        return time.perf_counter()
+        return (time.perf_counter(), self.cpu_clock())
+
+    def cpu_seconds(self, start: Any, end: Any) -> float | None:
+        """The CPU time of the span (``None`` on a GPU, where it would not measure the device)."""
+        return None if self.cuda else float(end[1] - start[1])
 
     def seconds(self, start: Any, end: Any, *, wait: bool = True) -> float | None:
         """The span ``start → end`` in seconds; ``None`` when ``wait`` is false and the GPU is not there yet."""
         if not self.cuda:
-            return float(end - start)
+            return float(end[0] - start[0])
         if not end.query():
             if not wait:
                 return None
@@ -145,11 +157,13 @@ class RunTimer:
             if s is None:
                 keep = self._pending[i:]
                 break
-            self._add(s, warm)
+            self._add(s, warm, self.clock.cpu_seconds(a, b))
         self._pending = keep
 
-    def _add(self, s: float, warm: bool) -> None:
+    def _add(self, s: float, warm: bool, cpu: float | None) -> None:
         c = self._cur
+        if cpu is not None:
+            c["cpu_s"] = c.get("cpu_s", 0.0) + cpu
         if warm:
             c["warmup_steps"] += 1
             c["warmup_s"] += s
@@ -245,6 +259,7 @@ class RunTimer:
 
     def _finish_reference(self) -> None:
         pairs = []
+        cpu_ref = []
         ratios = []  # FLOPs ratio of the structure each paired real step ran (< 1: compacted in the window)
         for p in self._pairs.values():
             if "real" in p and "ref" in p:
@@ -252,6 +267,9 @@ class RunTimer:
                 if real is not None and ref is not None:
                     pairs.append((real, ref))
                     ratios.append(p["flops_ratio"])
+                    cpu = self.clock.cpu_seconds(*p["ref"])
+                    if cpu is not None:
+                        cpu_ref.append(cpu)
         self._pairs = {}
         self._ref = None  # free the reference network and its optimiser state
         if not pairs:
@@ -263,6 +281,7 @@ class RunTimer:
             "step": int(self.tr.progress.global_step),
             "steps": len(pairs),
             "reference_step_s": _median(ref_s),
+            "reference_cpu_s": _median(cpu_ref),
             "gated_step_s": _median(real_s),
             "gated_flops_ratio": min(ratios),
             # gated / plain step of the same dense network: only when nothing was compacted yet
@@ -301,7 +320,7 @@ def summarize(state: dict[str, Any], *, train_time_s: float | None, steps: int, 
     """The ratios of the report from a :meth:`RunTimer.state` (module doc: what each one means)."""
     refs = {r["session"]: r for r in state.get("references", []) if r.get("reference_step_s")}
     segs = state.get("segments", [])
-    total = steady = dense = 0.0
+    total = steady = dense = cpu = cpu_dense = 0.0
     counted = 0
     rows = []
     for s in segs:
@@ -319,6 +338,9 @@ def summarize(state: dict[str, Any], *, train_time_s: float | None, steps: int, 
             steady += s["steps"] * per
             dense += s["steps"] * ref_s
             counted += s["steps"]
+            if ref.get("reference_cpu_s") and s.get("cpu_s") is not None:
+                cpu += s["cpu_s"]
+                cpu_dense += s["steps"] * ref["reference_cpu_s"]
     first = min(refs.values(), key=lambda r: r["session"]) if refs else None
     ref0 = first["reference_step_s"] if first else None
     return {
@@ -331,6 +353,7 @@ def summarize(state: dict[str, Any], *, train_time_s: float | None, steps: int, 
         "gate_overhead_at_start": first["gate_overhead"] if first else None,
         "measured_train_time_ratio": total / dense if dense else None,
         "steady_train_time_ratio": steady / dense if dense else None,
+        "cpu_train_time_ratio": cpu / cpu_dense if cpu_dense else None,
         "steps_counted": counted,
         "steps": steps,
         "loop_wall_clock_per_step_ratio": (
@@ -425,6 +448,8 @@ def markdown_lines(timing: dict[str, Any] | None, inference: dict[str, Any] | No
             f"{_f(timing['measured_train_time_ratio'])} |",
             f"| steady-state training-time ratio (per-structure median step) | "
             f"{_f(timing['steady_train_time_ratio'])} |",
+            f"| CPU-time training-time ratio (CPU runs: not counting waits for a core) | "
+            f"{_f(timing['cpu_train_time_ratio'])} |",
             f"| whole-loop wall clock per step / dense reference step (data, ε-rule, checkpoints included) | "
             f"{_f(timing['loop_wall_clock_per_step_ratio'])} |",
             "",

@@ -59,7 +59,8 @@ def test_timing_record_is_present_and_sane(tmp_path: Path) -> None:
     for r in rows:
         if r["steps"] > WARMUP_STEPS:
             assert r["steady_median_s"] > 0 and r["step_time_ratio"] > 0
-    for key in ("measured_train_time_ratio", "steady_train_time_ratio", "loop_wall_clock_per_step_ratio"):
+    for key in ("measured_train_time_ratio", "steady_train_time_ratio", "cpu_train_time_ratio",
+                "loop_wall_clock_per_step_ratio"):
         assert 0 < timing[key] < 100, key
     # the whole loop (data, ε-rule, compaction) costs at least its timed steps
     assert timing["loop_wall_clock_per_step_ratio"] >= timing["measured_train_time_ratio"]
@@ -116,19 +117,21 @@ def test_timing_survives_a_resume(tmp_path: Path) -> None:
 def test_summarize_arithmetic() -> None:
     state = {
         "sessions": 1,
-        "references": [{"session": 0, "step": 5, "steps": 3, "reference_step_s": 0.010, "gated_step_s": 0.012,
+        "references": [{"session": 0, "step": 5, "steps": 3, "reference_step_s": 0.010, "reference_cpu_s": 0.005,
+                        "gated_step_s": 0.012,
                         "gate_overhead": 1.2}],
         "segments": [
             {"start_step": 0, "session": 0, "flops_ratio": 1.0, "steps": 10, "warmup_steps": 2, "warmup_s": 0.05,
-             "steady_steps": 8, "steady_s": 0.096, "steady_median_s": 0.012},
+             "steady_steps": 8, "steady_s": 0.096, "steady_median_s": 0.012, "cpu_s": 0.07},
             {"start_step": 10, "session": 0, "flops_ratio": 0.5, "steps": 10, "warmup_steps": 2, "warmup_s": 0.03,
-             "steady_steps": 8, "steady_s": 0.064, "steady_median_s": 0.008},
+             "steady_steps": 8, "steady_s": 0.064, "steady_median_s": 0.008, "cpu_s": 0.05},
         ],
     }
     s = summarize(state, train_time_s=0.5, steps=20, device="cpu", timing_steps=3)
     assert s["measured_train_time_ratio"] == pytest.approx((0.05 + 0.096 + 0.03 + 0.064) / (20 * 0.010))
     assert s["steady_train_time_ratio"] == pytest.approx((10 * 0.012 + 10 * 0.008) / (20 * 0.010))
     assert s["loop_wall_clock_per_step_ratio"] == pytest.approx(0.5 / 20 / 0.010)
+    assert s["cpu_train_time_ratio"] == pytest.approx((0.07 + 0.05) / (20 * 0.005))
     assert [r["step_time_ratio"] for r in s["structures"]] == pytest.approx([1.2, 0.8])
     # no reference measured (a run shorter than the warm-up): no ratio, never a made-up one
     empty = summarize({**state, "references": []}, train_time_s=0.5, steps=20, device="cpu", timing_steps=3)
