@@ -1,6 +1,6 @@
 """Measured time: what a run's training and its exported network cost in seconds on the run's own device.
 
-The FLOPs-based ratios of the report count operations — ``Σ_k E[F](θ_k)|B_k|`` (the seed's Figure 4,
+The FLOPs-based ratios of the report count operations — ``Σ_k E[F](θ_k)|B_k|`` (the paper's Figure 4,
 [9]) and the FLOPs of the network that actually executed — and say nothing about the clock: fixed
 per-step costs (eager per-op overhead, gates and bookkeeping, BatchNorm, additions and padding on
 the unpruned residual stream) and kernels that stop getting cheaper at small widths make a step cost
