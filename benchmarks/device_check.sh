@@ -131,6 +131,8 @@ print(f"  expected-FLOPs cost ratio (Σ E[F])            {f(r['expected_flops_co
 print(f"  executed-FLOPs ratio                          {f(r['executed_flops_ratio'])}")
 print(f"  measured training-time ratio (wall clock)     {f(r['measured_train_time_ratio'])}")
 print(f"  steady-state training-time ratio              {f(t.get('steady_train_time_ratio'))}")
+if t.get("cpu_train_time_ratio") is not None:
+    print(f"  CPU-time training-time ratio (CPU runs)       {f(t['cpu_train_time_ratio'])}")
 print(f"  whole-loop wall clock / dense reference step  {f(t.get('loop_wall_clock_per_step_ratio'))}")
 print(f"  gate overhead at start (gated / plain step)   {f(t.get('gate_overhead_at_start'))}"
       f"  [{ms(t.get('gated_step_s'))} / {ms(t.get('dense_reference_step_s'))}]")
