@@ -148,7 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             _say(
                 f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
                 f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
-                f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s "
+                f"expected-FLOPs cost {report['training_cost_ratio']:.3f} of baseline"
+                + (f", measured training time {t:.3f} of dense steps" if (t := report.get("measured_train_time_ratio"))
+                   else "") + f", {report['wall_clock_s']:.1f} s "
                 f"-> {out}" + (f" ({report['processes']} processes)" if report.get("processes", 1) > 1 else "")
             )
             if report.get("audit"):

@@ -186,6 +186,7 @@ class TrainConfig:
     sync_bn: bool = False  # torchrun runs: BatchNorm statistics over the global batch (pruning.syncbn)
     dist_timeout_s: float = 600.0  # torchrun runs: a collective waiting longer than this fails the run
     sync_check_every: int = 0  # torchrun runs: compare parameter digests across processes every k steps (0 = off)
+    timing_steps: int = 5  # dense-reference steps timed at every start/resume + per-structure step times (0 = off)
 
 
 @dataclass(frozen=True)
@@ -402,6 +403,8 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(finite(t.dist_timeout_s) and t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0 (seconds)",
          t.dist_timeout_s)
     need(t.sync_check_every >= 0, "train.sync_check_every", "must be >= 0 (iterations; 0 = off)", t.sync_check_every)
+    need(0 <= t.timing_steps <= 1000, "train.timing_steps", "must be in [0, 1000] (reference steps; 0 = no timing)",
+         t.timing_steps)
     need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
     return errors
 

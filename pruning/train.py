@@ -107,6 +107,7 @@ from .rundir import CONFIG_ECHO, RunDirError, RunSession
 from .runlog import RunLog
 from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
 from .step import NonFiniteObjective, algorithm1_step
+from .timing import RunTimer, inference_speedup
 from .userdata import from_datasets
 
 
@@ -274,6 +275,7 @@ class Trainer:
         #: what a training step runs forward through: the network, or its DDP wrapper (rebuilt after compaction)
         self.forward: torch.nn.Module = wrap_ddp(self.model, self.dist, self.device)
         self._gate_rng = torch.Generator(device=self.device)
+        self.timer = RunTimer(self, None if ckpt is None else ckpt.get("timing"))  # measured step times
         self.stops = StopSignals()
         self._epoch_sums, self._epoch_cum = self._restore_epoch_sums()
         self._epoch_t0 = time.perf_counter() - self.progress.epoch_time_s
@@ -328,6 +330,7 @@ class Trainer:
                 "epoch_cum_flops": float(self._epoch_cum) if inside else 0.0,
                 "epoch_time_s": time.perf_counter() - self._epoch_t0 if inside else 0.0,
             },
+            "timing": self.timer.state(),  # measured step times (pruning.timing): differ between runs
             "rng": capture_rng(),
             "audit": self.audit.state_dict(),
             "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed, "batch": p.batch,
@@ -387,6 +390,7 @@ class Trainer:
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
         self.forward = wrap_ddp(self.model, self.dist, self.device, previous=self.forward)  # new parameters
+        self.timer.structure_changed(step)
         if self.cfg.train.sync_check_every:
             self._sync_check("prune")
         return True
@@ -443,6 +447,7 @@ class Trainer:
         try:
             for i, (x, y) in enumerate(self.loader.iter_epoch(epoch, start), start=start):
                 x, y = to_device(x, y, dev, t.channels_last)
+                self.timer.before_step(x, y)
                 lr = lr_at(cfg, p.global_step, spe)
                 for g in self.opt_w.param_groups:
                     g["lr"] = lr
@@ -476,6 +481,7 @@ class Trainer:
                     ])
                 p.global_step += 1
                 p.batch = i + 1
+                self.timer.after_step(x, y)
                 if p.global_step % t.prune_every == 0:
                     self.guard.settle()  # nothing non-finite is pruned
                     self._prune(epoch + 1)
@@ -638,6 +644,8 @@ class Trainer:
             audit=audit,
             processes=self.dist.world_size,
             samples=self.progress.samples,
+            timing=self.timer.summary(self.progress.train_time_s),
+            inference=inference_speedup(self, self.cfg.train.timing_steps),
         )
         if writer:
             write_report(self.out, report)
