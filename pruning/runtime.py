@@ -28,6 +28,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_channels_last(setting: bool | str, device: torch.device, spec: Any) -> bool:
+    """``train.channels_last``: ``True``/``False`` as given; ``"auto"`` by this rule.
+
+    On the CPU, ``True`` when the network (``spec``, a :class:`theory.NetworkSpec`) has 2-D convolutions:
+    there the channels-last layout measured faster for dense and compacted networks alike
+    (``benchmarks/bench_channels_last.py``: ResNet-20 at 32×32, training steps, one thread).
+    ``False`` otherwise: 1-D convolutions and linear layers have no channels-last layout, and on
+    CUDA it has not been measured here (set ``true`` to use it there).
+    """
+    if setting == "auto":
+        return torch.device(device).type == "cpu" and "conv2d" in layer_kinds(spec)
+    return bool(setting)
+
+
+def layer_kinds(spec: Any) -> set[str]:
+    """The kinds of every weight layer of a :class:`theory.NetworkSpec` (stem, paths, shortcuts, head)."""
+    layers = list(spec.stem) + list(spec.head)
+    for b in spec.blocks:
+        layers += list(b.path) + ([b.shortcut_layer] if b.shortcut_layer is not None else [])
+    return {layer.kind for layer in layers}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global RNG is what third-party code uses

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from theory.projection import project
+from theory.projection import project_
 
 from .guard import FiniteGuard
 from .models import GatedNetwork
@@ -88,8 +88,7 @@ def algorithm1_step(
     if opt_t is not None:
         opt_t.step()
         with torch.no_grad():
-            for q in model.gate_parameters():
-                q.copy_(project(q))  # Π_H, eq. [15]
+            project_(model.gate_parameters())  # Π_H, eq. [15]: one foreach clip over every θ
     if guard is not None:
         guard.arm(model, where)
     return terms, out
