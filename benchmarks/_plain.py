@@ -56,10 +56,12 @@ class _Block(nn.Module):
         self.path, self.shortcut, self.out_act = path, shortcut, out_act
 
     def forward(self, x: Tensor) -> Tensor:
-        z = x if self.shortcut is None else self.shortcut(x)
-        if self.path is not None:
-            z = z + self.path(x)
-        return torch.relu(z) if self.out_act else z
+        s = x if self.shortcut is None else self.shortcut(x)
+        if self.path is None:
+            return torch.relu(s) if self.out_act else s
+        z = self.path(x)
+        z += s  # torchvision's BasicBlock: out += identity; relu(out) in place
+        return torch.relu_(z) if self.out_act else z
 
 
 class PlainNet(nn.Module):
@@ -110,7 +112,7 @@ class PlainStep:
     """One plain-torch training step of :func:`plain_network` ``(spec)`` on a fixed mini-batch."""
 
     def __init__(self, spec: NetworkSpec, x: Tensor, y: Tensor, *, lr: float, momentum: float, weight_decay: float,
-                 channels_last: bool = False, seed: int = 0) -> None:
+                 nesterov: bool = False, channels_last: bool = False, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.model = plain_network(spec).to(x.device)
         if channels_last and x.dim() == 4:
@@ -118,7 +120,7 @@ class PlainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         self.x, self.y = x, y
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   foreach=True)
+                                   nesterov=nesterov, foreach=True)
         self.model.train()
 
     def __call__(self, *_: Any) -> None:

@@ -72,6 +72,14 @@ from .gates import (
 from .syncbn import batch_norm as _batch_norm  # BN with a given affine pair (synchronised when train.sync_bn)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+#: Constructor arguments of each activation: ReLU works in place (every activation here gets a fresh tensor: a
+#: convolution, BatchNorm or block-sum output; :meth:`ResidualBlock.forward` guards the one exception).
+ACTIVATION_KWARGS: dict[str, dict[str, Any]] = {"relu": {"inplace": True}, "tanh": {}}
+
+
+def _out_of_place(act: nn.Module) -> nn.Module:
+    """``act`` without writing into its input (an in-place ReLU becomes a plain one)."""
+    return nn.ReLU() if isinstance(act, nn.ReLU) and act.inplace else act
 ARCHS = ("residual_mlp", "resnet1d", "resnet20", "resnet56", "resnet110", "resnet50", "resnet18", "resnet34",
          "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "wrn")
 #: Depth of each ImageNet-family arch of :data:`ARCHS` (``theory.architectures.resnet_imagenet``) and its ``widen``.
@@ -304,11 +312,17 @@ class ResidualBlock(nn.Module):
         return x if gate_B is None else gate_B(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.shortcut(x)
         if self.path is not None:
-            z = z + self.branch(x)
+            z = self.branch(x)  # a fresh tensor: the sum and ReLU write into it (as torchvision's blocks do)
+            s = self.shortcut(x)
+            if s.dtype == z.dtype and s.shape == z.shape:
+                z += s  # the same value as s + z (IEEE addition commutes)
+            else:
+                z = s + z
+        else:
+            z = self.shortcut(x)  # possibly x itself: no in-place activation on it
         if self.out_act is not None:
-            z = self.out_act(z)
+            z = self.out_act(z) if z is not x else _out_of_place(self.out_act)(z)
         if self.out_gate is not None:
             z = self.out_gate(z)
         return z
@@ -723,7 +737,10 @@ def from_spec(
     (True, 18)
     """
     check_choice("activation", activation, tuple(ACTIVATIONS))
-    act = ACTIVATIONS[activation]
+    act_cls, act_kwargs = ACTIVATIONS[activation], ACTIVATION_KWARGS[activation]
+
+    def act() -> nn.Module:
+        return act_cls(**act_kwargs)
 
     def weight_layer(layer: Layer, gate: UnitGate | None = None) -> WeightLayer:
         return WeightLayer(
