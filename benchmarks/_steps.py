@@ -36,6 +36,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     "resnet1d": {"arch": "resnet1d", "kwargs": {"length": 40, "in_channels": 1}, "shape": (1, 40)},
     "resnet20": {"arch": "resnet20", "kwargs": {}, "shape": (3, 32, 32)},
     "resnet56": {"arch": "resnet56", "kwargs": {}, "shape": (3, 32, 32)},
+    "resnet110": {"arch": "resnet110", "kwargs": {}, "shape": (3, 32, 32)},
 }
 
 
