@@ -231,3 +231,23 @@ def test_channels_last_auto_rule_and_validation() -> None:
         load_config(None, ["train.channels_last=yes"])
     with pytest.raises(ConfigError, match="train.channels_last"):
         load_config(None, ["train.channels_last=1"])
+
+
+def test_deferred_weight_gradient_equals_autograd() -> None:
+    model = tiny_cifar(seed=2)
+    obj = Objective(model.spec(), N=8, gamma=0.5, rho=0.5, delta=0.5, lam=3.0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    grads = []
+    for deferred in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        terms = obj(model, model(x), y, weight_grad=not deferred)
+        terms.total.backward()
+        if deferred:
+            obj.add_weight_grad(model.weight_parameters())
+        grads.append((float(terms.total), [p.grad.clone() for p in model.parameters()]))
+    (j1, g1), (j2, g2) = grads
+    assert j1 == j2
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)  # the same sum, rounded once differently
+    assert obj.weight_decay > 0
