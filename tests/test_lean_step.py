@@ -224,6 +224,8 @@ def test_channels_last_auto_rule_and_validation() -> None:
     assert resolve_channels_last("auto", cpu, conv2d) is True
     assert resolve_channels_last("auto", cpu, conv1d) is False
     assert resolve_channels_last("auto", cuda, conv2d) is False
+    projection = build_model("resnet18", num_classes=3, image_size=16, width=4).spec()  # 1×1 stride-2 shortcuts
+    assert resolve_channels_last("auto", cpu, projection) is False
     assert resolve_channels_last(True, cpu, conv1d) is True and resolve_channels_last(False, cpu, conv2d) is False
     assert load_config(None).train.channels_last == "auto"
     assert load_config(None, ["train.channels_last=true"]).train.channels_last is True
