@@ -33,7 +33,7 @@ case "$DEV" in
   cuda)
     TEST_DEVICE=cuda
     GATE_ARGS=(--arch resnet20 resnet1d --batch-cifar 128 --repeats 9 --no-diagnostics)
-    COMPACT_ARGS=(--arch resnet20 resnet56 --batch 256 --channels-last --repeats 7)
+    COMPACT_ARGS=(--arch resnet20 resnet56 --batch 256 --channels-last on --repeats 7)
     CAL_ARGS=(--model resnet56)
     # 5 x 2560 training images at batch 128: 100 steps per epoch, 3 epochs = 300 steps
     R56_PER_BATCH=2560; R56_TEST=1024; R56_SET=(train.epochs=3 train.batch_size=128 train.eval_batch_size=512

@@ -174,7 +174,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 1  # CPU threads for torch (0 = torch's default)
     amp_bf16: bool = False
-    channels_last: bool = False
+    channels_last: bool | str = "auto"  # true | false | "auto" (pruning.runtime.resolve_channels_last)
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
@@ -394,6 +394,8 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(t.prune_every >= 1, "train.prune_every", "must be >= 1 (iterations)", t.prune_every)
     need(t.seed >= 0, "train.seed", "must be >= 0", t.seed)
     need(t.device in DEVICES, "train.device", f"unknown device (choose one of {', '.join(DEVICES)})", t.device)
+    need(t.channels_last in (True, False, "auto"), "train.channels_last", 'must be true, false or "auto"',
+         t.channels_last)
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)", t.threads)
     need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     need(t.audit_window >= 1, "train.audit_window", "must be >= 1 (iterations)", t.audit_window)

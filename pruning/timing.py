@@ -230,7 +230,7 @@ class RunTimer:
         cfg, spec = tr.cfg, tr.baseline_spec
         net = from_spec(spec, mode="none", estimator=cfg.model.estimator, theta_init=1.0,
                         activation=tr.model.activation).to(tr.device)
-        if cfg.train.channels_last:
+        if tr.channels_last:  # the run's resolved memory format (pruning.runtime.resolve_channels_last)
             net.to(memory_format=torch.channels_last)
         net.train()
         o = cfg.objective
@@ -392,7 +392,7 @@ def inference_speedup(trainer: Any, rounds: int) -> dict[str, Any] | None:
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.eval_batch_size, *tr.data.input_shape)
     x = torch.randn(shape, generator=gen).to(dev)
-    if cfg.train.channels_last and x.dim() == 4:
+    if tr.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
         for n in nets.values():
             n.to(memory_format=torch.channels_last)

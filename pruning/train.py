@@ -105,7 +105,15 @@ from .objective import CostMeter, Objective
 from .optim import lr_at, make_optimizers
 from .rundir import CONFIG_ECHO, RunDirError, RunSession
 from .runlog import RunLog
-from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
+from .runtime import (
+    capture_rng,
+    gate_seed,
+    resolve_channels_last,
+    resolve_device,
+    restore_rng,
+    seed_everything,
+    to_device,
+)
 from .step import NonFiniteObjective, algorithm1_step
 from .timing import RunTimer, inference_speedup
 from .userdata import from_datasets
@@ -242,7 +250,8 @@ class Trainer:
         if ckpt is not None:
             restore_model(self.model, ckpt, t.eps, self.out)
         self.model.to(self.device)
-        if t.channels_last:
+        self.channels_last = resolve_channels_last(t.channels_last, self.device, self.model.spec())
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if t.sync_bn and self.dist.active:
             from .syncbn import convert
@@ -385,7 +394,7 @@ class Trainer:
         if rec is None:
             return False
         self.progress.events.append(rec)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
@@ -446,7 +455,7 @@ class Trainer:
             bar.update(start)
         try:
             for i, (x, y) in enumerate(self.loader.iter_epoch(epoch, start), start=start):
-                x, y = to_device(x, y, dev, t.channels_last)
+                x, y = to_device(x, y, dev, self.channels_last)
                 self.timer.before_step(x, y)
                 lr = lr_at(cfg, p.global_step, spe)
                 for g in self.opt_w.param_groups:
@@ -556,7 +565,7 @@ class Trainer:
         """Mean-field test loss and accuracy; sharded over the processes (rank 0's BatchNorm statistics)."""
         t = self.cfg.train
         sync_buffers(model, self.dist)
-        return evaluate(model, self.test_loader, self.device, amp_bf16=t.amp_bf16, channels_last=t.channels_last,
+        return evaluate(model, self.test_loader, self.device, amp_bf16=t.amp_bf16, channels_last=self.channels_last,
                         all_reduce=self.dist.all_reduce_sum if self.dist.active else None)
 
     # -- the run --------------------------------------------------------------------------------
