@@ -1,0 +1,225 @@
+"""Your budget: γ adapted during training so that the network ends at a stated FLOPs (or parameter) reduction.
+
+The user states ``objective.target_fpr = T`` (or ``target_ppr``; a *fraction* in (0, 1): 0.5 means
+"remove 50 % of the FLOPs") instead of guessing the pruning level γ of [13].  Training then solves,
+in the spirit of constrained L0 methods, the constrained problem
+
+    min_{W, Θ}  J(W, Θ)    subject to    ratio(Θ) = T,        ratio(Θ) = 1 − E[F](Θ) / F_tot     [9]
+                                                              (or 1 − E[P](Θ) / P_tot, [10])
+
+with ``E[F]``, ``E[P]`` the *expected* FLOPs and parameters of [9], [10] (conv + linear MACs,
+parameters incl. BatchNorm pairs: the reporting convention of THEORY §3, evaluated by the one
+complexity model :mod:`theory.complexity` through :class:`pruning.objective.CostMeter`) and ``F_tot``,
+``P_tot`` the baseline totals.  The price of complexity plays the role of the Lagrange multiplier:
+by [13] the coefficients ``(α_f, α_p, β)`` are linear in γ, so
+
+    C_γ(Θ) = (γ / γ_0) · C_{γ_0}(Θ)                                                            [11], [13]
+
+and a controller only has to choose the scalar ``γ_k ≥ 0`` of iteration ``k``; the objective of every
+step stays ``J = mean ℓ + γ_k/γ_0 · C_{γ_0}(Θ)/N + (λ/N)/2 ||W||²`` — the same multilinear function
+of Θ (THEORY §3, Theorem 3.1), multiplied by a constant within the step.  Nothing else of Algorithm 1
+changes (estimators, projection Π_H [15], ε-rule).
+
+The controller (a projected PI controller, i.e. dual ascent on γ with a proportional term), in units
+of the *training progress* ``τ = k / K`` (``K`` iterations in the run, so that the same gains serve a
+30-epoch and a 200-epoch run):
+
+    r(τ)  = T · s(min(τ / τ_r, 1)),   s(u) = 1 − (1 − u)³              reference: the target reached at τ_r
+    e_k   = r(τ_k) − ratio(Θ_k)                                         > 0: not pruned enough yet
+    I_k   = clip(I_{k−1} + k_I · e_k / K,  0, u_max)                    integral (dual ascent), anti-windup
+    γ_k   = γ_0 · clip(I_k + k_P · e_k,  0, u_max)                      γ_k ≥ 0 always
+
+* ``γ_0`` = ``objective.gamma``: the controller's scale (gains are multiples of it); ``I_0 = 0``, so the
+  run starts at γ = 0 and the price rises only as far as the budget needs.
+* The reference ramps up over the first ``τ_r`` of training (cubic, fast at first, gentle at the end,
+  as in gradual magnitude pruning) instead of stepping to ``T``: structures removed by the ε-rule never
+  come back, so the controller must approach the target from below rather than overshoot it.
+* ``ratio(Θ)`` is the expected reduction at the current θ, a smooth function of Θ that leads the
+  deterministic one (structures on their way out count partly).  As θ polarises to {0, 1} (Theorem
+  3.1) the expected and the reported ``fPR = 1 − F(final)/F_tot`` meet; at any θ the deterministic
+  reduction is at most the expected one.
+* Data-parallel runs: ``ratio(Θ)`` is a function of θ, bit-identical on every process, so every
+  process computes the same γ; nothing is communicated.
+* The state (``I``, the last γ and measurement) is part of the checkpoint (:meth:`state_dict`),
+  so a resumed run continues bit for bit.  The update uses 0-d float64 tensors on the run's
+  device: no host synchronisation per step.
+
+The gains (:class:`BudgetGains`) were tuned once on the default configuration and are the same for
+every target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from theory.complexity import BlockGates, ComplexityModel
+from theory.spec import NetworkSpec
+
+#: The measured quantity of each target field: ``objective.target_fpr`` → "fPR", ``target_ppr`` → "pPR".
+KINDS = {"fpr": "fPR", "ppr": "pPR"}
+
+
+@dataclass(frozen=True)
+class BudgetGains:
+    """Constants of the controller (see the module doc): ``τ_r``, ``k_P``, ``k_I``, ``u_max``."""
+
+    ramp: float = 0.5  # τ_r: fraction of the training iterations over which the reference reaches T
+    kp: float = 2.0  # proportional gain (multiples of γ_0 per unit of error)
+    ki: float = 20.0  # integral gain (multiples of γ_0 per unit of error per unit of training progress)
+    max_factor: float = 50.0  # u_max: γ never exceeds 50 γ_0 (an unreachable target cannot run away)
+
+    def __post_init__(self) -> None:
+        for name, v in asdict(self).items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"BudgetGains.{name} must be a finite number >= 0, got {v!r}")
+        if not 0 < self.ramp <= 1:
+            raise ValueError(f"BudgetGains.ramp must lie in (0, 1], got {self.ramp!r}")
+
+
+class BudgetController:
+    """γ_k for a FLOPs (``kind="fpr"``) or parameter (``"ppr"``) reduction ``target`` in ``total_steps`` iterations.
+
+    >>> ctl = BudgetController(0.5, "fpr", total_steps=100, gamma=0.05)
+    >>> float(ctl.update(torch.tensor(0.0, dtype=torch.float64), step=0))  # θ = 1: nothing pruned yet
+    0.0
+    >>> g = ctl.update(torch.tensor(0.0, dtype=torch.float64), step=10)    # below the reference: γ rises
+    >>> 0 < ctl.gamma < 0.05 * 50
+    True
+    """
+
+    def __init__(self, target: float, kind: str, *, total_steps: int, gamma: float,
+                 gains: BudgetGains | None = None, device: torch.device | str | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target < 1):
+            raise ValueError(f"target must be a fraction in (0, 1) (0.5 = 50 %), got {target!r}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma (the controller's scale) must be > 0, got {gamma!r}")
+        self.target = float(target)
+        self.kind = kind
+        self.total_steps = int(total_steps)
+        self.gamma0 = float(gamma)
+        self.gains = gains if gains is not None else BudgetGains()
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        z = torch.zeros((), dtype=torch.float64, device=dev)
+        self.integral = z.clone()  # I_k (multiples of γ_0)
+        self.factor = z.clone()  # u_k = γ_k / γ_0: the multiplier of C_{γ_0} in this step's objective
+        self.measured = z.clone()  # ratio(Θ_k) of the last update
+        self.last_step = 0  # the iteration of the last update (its reference is reference(last_step))
+
+    # -- the law ---------------------------------------------------------------------------------
+    def reference(self, step: int) -> float:
+        """``r(τ) = T (1 − (1 − min(τ/τ_r, 1))³)`` at ``τ = step / total_steps``."""
+        u = min(step / (self.gains.ramp * self.total_steps), 1.0)
+        return self.target * (1.0 - (1.0 - u) ** 3)
+
+    def update(self, measured: torch.Tensor, step: int) -> torch.Tensor:
+        """One controller step from ``ratio(Θ_k)`` (``measured``, a 0-d tensor); returns ``u_k = γ_k/γ_0`` (0-d)."""
+        g = self.gains
+        e = self.reference(step) - measured.detach().to(self.integral)
+        self.integral = (self.integral + (g.ki / self.total_steps) * e).clamp(0.0, g.max_factor)
+        self.factor = (self.integral + g.kp * e).clamp(0.0, g.max_factor)
+        self.measured = measured.detach().to(self.integral)
+        self.last_step = int(step)
+        return self.factor
+
+    def control(self, meter: Any, model: Any, spec: NetworkSpec, step: int,
+                expected_flops: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`measure` then :meth:`update`: ``u_k = γ_k/γ_0`` of iteration ``step`` (the trainer's one call)."""
+        return self.update(self.measure(meter, model, spec, expected_flops), step)
+
+    def measure(self, meter: Any, model: Any, spec: NetworkSpec, expected_flops: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``ratio(Θ)`` of the live network: ``1 − E[F]/F_tot`` or ``1 − E[P]/P_tot`` ([9], [10]; 0-d float64).
+
+        ``meter`` is the run's :class:`pruning.objective.CostMeter`; ``expected_flops``, when the caller
+        has ``E[F]`` at this θ already, saves its evaluation.
+        """
+        if self.kind == "fpr":
+            ef = meter.expected_flops(model, spec) if expected_flops is None else expected_flops
+            return 1.0 - ef / meter.F_tot
+        return 1.0 - meter.expected(model, spec)[1] / meter.P_tot
+
+    # -- reporting -------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> float:
+        """γ of the last update (a host read)."""
+        return self.gamma0 * float(self.factor)
+
+    def record(self) -> dict[str, float]:
+        """The epoch log's columns: γ, the reference r and the measured expected ratio at the last update."""
+        return {"gamma": self.gamma, "budget_reference": self.reference(self.last_step),
+                f"budget_expected_{KINDS[self.kind]}": float(self.measured)}
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (floats: float64 values round-trip exactly)."""
+        return {"target": self.target, "kind": self.kind, "total_steps": self.total_steps, "gamma0": self.gamma0,
+                "gains": asdict(self.gains), "integral": float(self.integral), "factor": float(self.factor),
+                "measured": float(self.measured), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the target, kind, length and scale must be this controller's."""
+        for key in ("target", "kind", "total_steps", "gamma0"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"budget controller state: {key} = {state[key]!r}, this run has {getattr(self, key)!r}")
+        self.gains = BudgetGains(**state["gains"])
+        dev = self.integral.device
+        self.integral = torch.tensor(float(state["integral"]), dtype=torch.float64, device=dev)
+        self.factor = torch.tensor(float(state["factor"]), dtype=torch.float64, device=dev)
+        self.measured = torch.tensor(float(state["measured"]), dtype=torch.float64, device=dev)
+        self.last_step = int(state["last_step"])
+
+
+def target_of(objective_cfg: Any) -> tuple[str, float] | None:
+    """``("fpr", T)``, ``("ppr", T)`` or ``None`` from an ``[objective]`` section."""
+    for kind in KINDS:
+        value = getattr(objective_cfg, f"target_{kind}", None)
+        if value is not None:
+            return kind, float(value)
+    return None
+
+
+def max_reduction(meter: Any, model: Any, kind: str) -> float:
+    """The largest ``fPR`` (``pPR``) the gates of ``model`` can reach: every gate at 0 (stem and head stay).
+
+    Evaluated by the complexity model on ``model.spec()`` (elementwise terms off, the reporting convention)
+    relative to the baseline totals of ``meter`` (:class:`pruning.objective.CostMeter`).
+    """
+    cm = ComplexityModel(model.spec(), elementwise=False)
+    zero = [BlockGates(None if g.theta_B is None else torch.zeros(()),
+                       None if g.theta_1 is None else tuple(None if t is None else torch.zeros(t.shape) for t in g.theta_1),
+                       None if g.theta_2 is None else torch.zeros(g.theta_2.shape))
+            for g in model.block_gates()]
+    if kind == "fpr":
+        return 1.0 - float(cm.flops(zero)) / meter.F_tot
+    return 1.0 - float(cm.params(zero)) / meter.P_tot
+
+
+def make_budget(cfg: Any, meter: Any, model: Any, *, total_steps: int, device: torch.device
+                ) -> BudgetController | None:
+    """The run's controller (``None`` without a target); a target the network cannot reach is a ConfigError.
+
+    ``meter``: the run's :class:`pruning.objective.CostMeter`; ``total_steps``: the iterations of the run.
+    """
+    from .config import ConfigError
+
+    found = target_of(cfg.objective)
+    if found is None:
+        return None
+    kind, target = found
+    reach = max_reduction(meter, model, kind)
+    if target >= reach:
+        raise ConfigError([f"objective.target_{kind}: {target:g} cannot be reached: with every gate of this "
+                           f"network ({cfg.model.mode} mode) at 0 the {KINDS[kind]} is {reach:.4f} (the stem, the "
+                           f"classifier and ungated parts stay); choose a target below it"])
+    return BudgetController(target, kind, total_steps=total_steps, gamma=cfg.objective.gamma, device=device)
+
+
+__all__ = ["KINDS", "BudgetController", "BudgetGains", "make_budget", "max_reduction", "target_of"]
