@@ -373,10 +373,10 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     for key in ("target_fpr", "target_ppr"):
         v = getattr(o, key)
         if v is not None:
-            need(finite(v) and 0 < v < 1, f"objective.{key}",
-                 "must be a fraction in (0, 1) (0.5 = 50 %" + (f"; for {v:g} % write {v / 100:g}" if 1 <= v < 100 else "")
-                 + ")", v)
-            need(m.mode != "none", f"objective.{key}", "needs pruning (model.mode = \"none\" has no complexity term)", v)
+            hint = f"; for {v:g} % write {v / 100:g}" if 1 <= v < 100 else ""
+            need(finite(v) and 0 < v < 1, f"objective.{key}", f"must be a fraction in (0, 1) (0.5 = 50 %{hint})", v)
+            need(m.mode != "none", f"objective.{key}", "needs pruning (model.mode = \"none\" has no complexity term)",
+                 v)
     need(o.target_fpr is None or o.target_ppr is None, "objective.target_ppr",
          "give either objective.target_fpr or objective.target_ppr, not both", o.target_ppr)
     need(cfg.optim.kind in OPTIMIZERS, "optim.kind", f"unknown optimiser (choose one of {', '.join(OPTIMIZERS)})",

@@ -103,7 +103,7 @@ def budget_summary(config: dict[str, Any], log: list[dict[str, Any]], fpr: float
     target = float(o["target_fpr"] if kind == "fPR" else o["target_ppr"])
     achieved = fpr if kind == "fPR" else ppr
     trajectory = [{"epoch": r["epoch"], "gamma": r["gamma"], "reference": r["budget_reference"],
-                   f"expected_{kind}": r[f"budget_expected_{kind}"], "fPR": r["fPR"], "pPR": r["pPR"]}
+                   f"measured_{kind}": r[f"budget_measured_{kind}"], "fPR": r["fPR"], "pPR": r["pPR"]}
                   for r in log if "gamma" in r]
     return {"kind": kind, "target": target, "achieved": achieved, "error": achieved - target,
             "final_gamma": trajectory[-1]["gamma"] if trajectory else None,
@@ -116,9 +116,10 @@ def budget_line(budget: dict[str, Any]) -> str:
     step = max(1, len(traj) // 6)
     shown = traj[::step] + ([traj[-1]] if traj and (len(traj) - 1) % step else [])
     path = " → ".join(f"{r['gamma']:.4g} (ep {r['epoch']})" for r in shown)
-    return (f"Budget: target {budget['kind']} {100 * budget['target']:.1f} %, achieved {100 * budget['achieved']:.2f} % "
+    return (f"Budget: target {budget['kind']} {100 * budget['target']:.1f} %, "
+            f"achieved {100 * budget['achieved']:.2f} % "
             f"({100 * budget['error']:+.2f} points); γ adapted from 0: {path}; per epoch in `log.csv` (`gamma`, "
-            f"`budget_reference`, `budget_expected_{budget['kind']}`).")
+            f"`budget_reference`, `budget_measured_{budget['kind']}`).")
 
 
 def _pct(x: Any) -> str:
@@ -138,7 +139,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Run report: {m['arch']} on {d['name']} ({m['mode']} mode)",
         "",
-        (f"γ adapted (scale {o['gamma']}), " if report.get("budget") else f"γ = {o['gamma']}, ") + f"ρ = {o['rho']}, δ = {o['delta']}, λ = {o['lambda']}, ε = {cfg['train']['eps']}, "
+        (f"γ adapted (scale {o['gamma']}), " if report.get("budget") else f"γ = {o['gamma']}, ")
+        + f"ρ = {o['rho']}, δ = {o['delta']}, λ = {o['lambda']}, ε = {cfg['train']['eps']}, "
         f"{report['epochs_completed']} epochs, device {report['device'] or '?'}"
         + (f" × {report['processes']} processes (data-parallel)" if report.get("processes", 1) > 1 else ""),
         *(["", budget_line(report["budget"])] if report.get("budget") else []),

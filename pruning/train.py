@@ -451,8 +451,8 @@ class Trainer:
                 for g in self.opt_w.param_groups:
                     g["lr"] = lr
                 ef = self.meter.expected_flops(model, self.spec)  # E[F] at the θ of this sample (Figure 4)
-                if self.budget is not None:  # γ_k from the expected cost at θ_k
-                    self.objective.gamma_factor = self.budget.control(self.meter, model, self.spec, p.global_step, ef)
+                if self.budget is not None:  # γ_k from the cost at θ_k (pruning.budget)
+                    self.objective.gamma_factor = self.budget.control(self.meter, model, self.spec, p.global_step)
                 observe = t.audit_every and p.global_step % t.audit_every == 0
                 try:
                     with sampling_generator(self._gates_at(p.global_step)):

@@ -135,6 +135,34 @@ def test_gamma_factor_scales_the_complexity_term_only() -> None:
     assert float(c0) == 0.0 and all(g is None or not g.any() for g in grads)
 
 
+def test_measurement_counts_sharpened_gates() -> None:
+    """``1 − E[F](s(Θ))/F_tot``: θ ≥ 0.5 counts as kept, θ ≤ ε as removed, linear between (THEORY [9])."""
+    torch.manual_seed(0)
+    model = build_model("residual_mlp", in_features=6, hidden=[5, 5, 5], num_classes=3, mode="combined")
+    spec, meter = model.spec(), CostMeter(model.spec())
+    ctl = BudgetController(0.5, "fpr", total_steps=10, gamma=0.05, eps=0.1)
+    gate_B = model.gate_parameters()[0]  # the first block's θ_B
+    assert gate_B.dim() == 0
+    expected_at = {}
+    for theta_B, s in ((1.0, 1.0), (0.7, 1.0), (0.5, 1.0), (0.3, 0.5), (0.1, 0.0), (0.05, 0.0)):
+        with torch.no_grad():
+            gate_B.fill_(theta_B)
+        got = float(ctl.measure(meter, model, spec))
+        with torch.no_grad():
+            gate_B.fill_(s)
+        ef = float(meter.expected(model, spec)[0])
+        assert got == pytest.approx(1.0 - ef / meter.F_tot, abs=1e-6), theta_B  # θ is float32
+        expected_at[theta_B] = got
+    assert expected_at[1.0] == 0.0 and 0 < expected_at[0.3] < expected_at[0.1] == expected_at[0.05]
+    ppr = BudgetController(0.5, "ppr", total_steps=10, gamma=0.05)
+    with torch.no_grad():
+        gate_B.fill_(0.05)
+    got = float(ppr.measure(meter, model, spec))
+    with torch.no_grad():
+        gate_B.fill_(0.0)
+    assert got == pytest.approx(1.0 - float(meter.expected(model, spec)[1]) / meter.P_tot, abs=1e-12) and got > 0
+
+
 def test_max_reduction_by_mode() -> None:
     spec_of = {}
     for mode in ("combined", "layer", "unit"):
@@ -149,7 +177,7 @@ def test_max_reduction_by_mode() -> None:
 # --------------------------------------------------------------------------------------------------
 
 TINY = [
-    "data.name=digits", "data.options.flatten=true", "data.train_subset=256", "data.test_subset=128",
+    "data.name=digits", "data.options.flatten=true", "data.train_subset=128", "data.test_subset=64",
     "model.arch=residual_mlp", "model.kwargs.hidden=[12, 12, 12]",
     "objective.gamma=0.05", "objective.lambda=1.0", "objective.target_fpr=0.4",
     "optim.weights.lr=0.05", "optim.theta.lr=0.05",
@@ -170,7 +198,7 @@ def test_tiny_run_records_the_gamma_trajectory_and_resumes_bit_for_bit(tmp_path:
     assert budget["final_gamma"] == budget["trajectory"][-1]["gamma"]
     rows = list(csv.DictReader((tmp_path / "straight" / LOG_CSV).open()))
     assert [float(r["gamma"]) for r in rows] == [r["gamma"] for r in budget["trajectory"]]
-    assert {"budget_reference", "budget_expected_fPR"} <= set(rows[0])
+    assert {"budget_reference", "budget_measured_fPR"} <= set(rows[0])
     assert "Budget: target fPR 40.0 %" in (tmp_path / "straight" / REPORT_MD).read_text()
     ckpt = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)
     assert ckpt["budget"]["last_step"] == straight.progress.global_step - 1
