@@ -226,3 +226,12 @@ def test_unreachable_target_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="objective.target_fpr: 0.999 cannot be reached"):
         Trainer(cfg, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_docstring_example() -> None:
+    import doctest
+
+    import pruning.budget
+
+    result = doctest.testmod(pruning.budget)
+    assert result.failed == 0 and result.attempted > 0
