@@ -24,13 +24,16 @@ from pruning.train import Trainer
 F64 = torch.float64
 
 
-def _toy_run(target: float, *, scale: float, lag: float, steps: int = 1000,
+def _toy_run(target: float, *, scale: float, lag: float, steps: int = 1000, run: int | None = None,
              ctl: BudgetController | None = None) -> tuple[BudgetController, list[float], list[float]]:
-    """A first-order plant: the ratio relaxes (rate ``lag`` per step) towards ``1 − exp(−γ/scale)``."""
+    """A first-order plant: the ratio relaxes (rate ``lag`` per step) towards ``1 − exp(−γ/scale)``.
+
+    ``run`` iterations (default ``steps``, the run length the controller is told) are simulated.
+    """
     ctl = ctl or BudgetController(target, "fpr", total_steps=steps, gamma=0.05)
     m = torch.zeros((), dtype=F64)
     gammas, ms = [], []
-    for k in range(steps):
+    for k in range(steps if run is None else run):
         u = ctl.update(m, k)
         gammas.append(0.05 * float(u))
         m = m + lag * ((1.0 - torch.exp(-0.05 * u / scale)) - m)
@@ -41,12 +44,14 @@ def _toy_run(target: float, *, scale: float, lag: float, steps: int = 1000,
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
 def test_controller_reaches_the_target_of_a_toy_plant(target: float) -> None:
     _, gammas, ms = _toy_run(target, scale=0.03, lag=0.02)
-    assert abs(ms[-1] - target) < 0.01, (target, ms[-1])
-    assert min(gammas) >= 0.0
-    # the reference ramps up: no overshoot beyond 3 points of the target on the way
-    assert max(ms) < target + 0.03
+    # within the run: from below (removals are irreversible), close to the target at the end
+    assert target - 0.035 < ms[-1] <= target, (target, ms[-1])
+    assert max(ms) <= target + 1e-9 and min(gammas) >= 0.0
+    # longer than the run (reference held at T): the integral removes the rest of the error
+    _, gammas, ms = _toy_run(target, scale=0.03, lag=0.02, run=4000)
+    assert abs(ms[-1] - target) < 0.003, (target, ms[-1])
     # the γ the plant needs at equilibrium: −scale · log(1 − T)
-    assert gammas[-1] == pytest.approx(-0.03 * math.log(1 - target), rel=0.05)
+    assert gammas[-1] == pytest.approx(-0.03 * math.log(1 - target), rel=0.03)
 
 
 @settings(max_examples=25, deadline=None)
