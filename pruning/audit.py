@@ -313,7 +313,7 @@ class PruningAudit:
     # -- complexity gradients -----------------------------------------------------------------
     def gammas(self, model: Any, spec: NetworkSpec) -> tuple[list[float | None], list[list[float]]]:
         """``(γ_B/N per block, γ_1/N per block and inner layer)`` at the current ``θ`` (J units)."""
-        coeffs = self.objective.coeffs
+        coeffs = self.objective.current_coeffs()
         n_blocks = len(spec.blocks)
         if coeffs is None:
             return [None] * n_blocks, [[0.0] * b.M for b in spec.blocks]

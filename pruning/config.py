@@ -13,9 +13,10 @@ one :class:`ConfigError` that names each bad field, so a command line can
 refuse to start (exit code 2) before it writes anything.
 
 Ranges (THEORY §2, §3, §5): ``gamma > 0``, ``rho ∈ [0, 1]``, ``delta >= 0``
-([13]); ``lambda >= 0`` is the precision of the Gaussian weight prior of
-[2.2] (weight decay ``λ/N``); ``eps ∈ (0, 1)`` is the pruning threshold of
-Algorithm 1 step 4; ``epochs >= 1``.
+([13]); ``target_fpr``, ``target_ppr`` fractions in (0, 1), at most one of
+them (:mod:`pruning.budget`); ``lambda >= 0`` is the precision of the Gaussian
+weight prior of [2.2] (weight decay ``λ/N``); ``eps ∈ (0, 1)`` is the pruning
+threshold of Algorithm 1 step 4; ``epochs >= 1``.
 """
 
 from __future__ import annotations
@@ -120,13 +121,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """``[objective]``: user parameters of [13] and the prior precision λ of [2.2] (TOML key ``lambda``)."""
+    """``[objective]``: user parameters of [13] and the prior precision λ of [2.2] (TOML key ``lambda``).
+
+    ``target_fpr`` / ``target_ppr`` (at most one; a fraction in (0, 1), 0.5 = 50 %): the FLOPs / parameter
+    reduction wanted; γ is then adapted during training (:mod:`pruning.budget`, starting from 0) and
+    ``gamma`` is the controller's scale.
+    """
 
     gamma: float = 0.05
     rho: float = 0.5
     delta: float = 0.5
     lambda_: float = 2.0
     elementwise: bool = True
+    target_fpr: float | None = None
+    target_ppr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +378,15 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(finite(o.rho) and 0.0 <= o.rho <= 1.0, "objective.rho", "must lie in [0, 1]", o.rho)
     need(finite(o.delta) and o.delta >= 0, "objective.delta", "must be >= 0", o.delta)
     need(finite(o.lambda_) and o.lambda_ >= 0, "objective.lambda", "must be >= 0", o.lambda_)
+    for key in ("target_fpr", "target_ppr"):
+        v = getattr(o, key)
+        if v is not None:
+            hint = f"; for {v:g} % write {v / 100:g}" if 1 <= v < 100 else ""
+            need(finite(v) and 0 < v < 1, f"objective.{key}", f"must be a fraction in (0, 1) (0.5 = 50 %{hint})", v)
+            need(m.mode != "none", f"objective.{key}", "needs pruning (model.mode = \"none\" has no complexity term)",
+                 v)
+    need(o.target_fpr is None or o.target_ppr is None, "objective.target_ppr",
+         "give either objective.target_fpr or objective.target_ppr, not both", o.target_ppr)
     need(cfg.optim.kind in OPTIMIZERS, "optim.kind", f"unknown optimiser (choose one of {', '.join(OPTIMIZERS)})",
          cfg.optim.kind)
     need(finite(w.lr) and w.lr > 0, "optim.weights.lr", "must be > 0", w.lr)

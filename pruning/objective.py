@@ -119,9 +119,20 @@ class Objective:
             else coefficients_for(baseline_spec, gamma, rho, delta, N=self.N, elementwise=elementwise)
         )
         self.complexity_model = ModelCache(elementwise=elementwise)
+        #: ``γ_k / γ`` of a budget controller (:mod:`pruning.budget`, a 0-d tensor), ``None`` = 1: by [13] the
+        #: coefficients are linear in γ, so ``C`` priced at ``γ_k`` is this factor times ``C`` at ``γ``
+        self.gamma_factor: torch.Tensor | None = None
+
+    def current_coeffs(self) -> Coefficients | None:
+        """``(α_f, α_p, β)`` at the current price: ``coeffs`` times ``gamma_factor`` (a host read when set)."""
+        if self.coeffs is None or self.gamma_factor is None:
+            return self.coeffs
+        u = float(self.gamma_factor)
+        c = self.coeffs
+        return Coefficients(c.alpha_f * u, c.alpha_p * u, c.beta * u)
 
     def complexity(self, model: Any, spec: NetworkSpec | None = None) -> torch.Tensor:
-        """``C(Θ)`` of [11] on the live gates (a differentiable tensor; 0 in mode ``"none"``).
+        """``C(Θ)`` of [11] on the live gates (a differentiable tensor; 0 in mode ``"none"``), at the current price.
 
         ``spec`` is ``model.spec()`` (pass it when the caller caches it between pruning steps).
         """
@@ -134,6 +145,8 @@ class Objective:
         value = fn(model.block_gates())
         if not torch.is_tensor(value):  # no gate at all left: C is a constant
             value = torch.tensor(float(value), device=_device_of(model))
+        if self.gamma_factor is not None:
+            value = value * self.gamma_factor.to(value.dtype)
         return value
 
     # -- J ---------------------------------------------------------------------------------------

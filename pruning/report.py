@@ -95,8 +95,41 @@ def build_report(
         "wall_clock_s": wall_clock_s,
         "exports": exports,
         "audit": audit,
+        "budget": budget_summary(config, log, 1.0 - F / F_tot, 1.0 - P / P_tot),
         "config": config,
     }
+
+
+def budget_summary(config: dict[str, Any], log: list[dict[str, Any]], fpr: float, ppr: float) -> dict[str, Any] | None:
+    """The budget of ``objective.target_fpr``/``target_ppr`` (:mod:`pruning.budget`): target vs achieved, γ per epoch.
+
+    ``None`` for a run without a target.  ``trajectory``: one row per epoch (γ at the epoch's last
+    iteration, the controller's reference, the expected ratio it measured, the deterministic fPR/pPR).
+    """
+    o = config.get("objective", {})
+    kind = "fPR" if o.get("target_fpr") is not None else "pPR" if o.get("target_ppr") is not None else None
+    if kind is None:
+        return None
+    target = float(o["target_fpr"] if kind == "fPR" else o["target_ppr"])
+    achieved = fpr if kind == "fPR" else ppr
+    trajectory = [{"epoch": r["epoch"], "gamma": r["gamma"], "reference": r["budget_reference"],
+                   f"measured_{kind}": r[f"budget_measured_{kind}"], "fPR": r["fPR"], "pPR": r["pPR"]}
+                  for r in log if "gamma" in r]
+    return {"kind": kind, "target": target, "achieved": achieved, "error": achieved - target,
+            "final_gamma": trajectory[-1]["gamma"] if trajectory else None,
+            "max_gamma": max((r["gamma"] for r in trajectory), default=None), "trajectory": trajectory}
+
+
+def budget_line(budget: dict[str, Any]) -> str:
+    """One line: target vs achieved and the γ trajectory (epochs sampled)."""
+    traj = budget["trajectory"]
+    step = max(1, len(traj) // 6)
+    shown = traj[::step] + ([traj[-1]] if traj and (len(traj) - 1) % step else [])
+    path = " → ".join(f"{r['gamma']:.4g} (ep {r['epoch']})" for r in shown)
+    return (f"Budget: target {budget['kind']} {100 * budget['target']:.1f} %, "
+            f"achieved {100 * budget['achieved']:.2f} % "
+            f"({100 * budget['error']:+.2f} points); γ adapted from 0: {path}; per epoch in `log.csv` (`gamma`, "
+            f"`budget_reference`, `budget_measured_{budget['kind']}`).")
 
 
 def _pct(x: Any) -> str:
@@ -120,9 +153,11 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Run report: {m['arch']} on {d['name']} ({m['mode']} mode)",
         "",
-        f"γ = {o['gamma']}, ρ = {o['rho']}, δ = {o['delta']}, λ = {o['lambda']}, ε = {cfg['train']['eps']}, "
+        (f"γ adapted (scale {o['gamma']}), " if report.get("budget") else f"γ = {o['gamma']}, ")
+        + f"ρ = {o['rho']}, δ = {o['delta']}, λ = {o['lambda']}, ε = {cfg['train']['eps']}, "
         f"{report['epochs_completed']} epochs, device {report['device'] or '?'}"
         + (f" × {report['processes']} processes (data-parallel)" if report.get("processes", 1) > 1 else ""),
+        *(["", budget_line(report["budget"])] if report.get("budget") else []),
         "",
         "| metric | value |",
         "|---|---|",
@@ -238,5 +273,5 @@ def _json_default(x: Any) -> Any:
     return repr(x)
 
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "audit_lines", "build_report", "to_markdown", "units_per_layer",
-           "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_MD", "audit_lines", "budget_line", "budget_summary", "build_report", "to_markdown",
+           "units_per_layer", "write_report"]

@@ -67,6 +67,7 @@ import torch
 from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
+from .budget import make_budget
 from .build import build_network, check_fits, check_network_fits, config_for_data, data_record, load_data
 from .checkpoint import (
     CHECKPOINT,
@@ -281,6 +282,17 @@ class Trainer:
         )
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
+        # objective.target_fpr / target_ppr: γ_k ≥ 0 adapted each step (pruning.budget); its state is checkpointed
+        self.budget = make_budget(cfg, self.meter, self.model, total_steps=t.epochs * len(self.loader),
+                                  device=self.device)
+        if self.budget is not None:
+            try:
+                if ckpt is not None:
+                    self.budget.load_state_dict(ckpt["budget"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{self.out / CHECKPOINT}: the checkpoint's budget controller state does not "
+                                      f"fit ({type(exc).__name__}: {str(exc)[:200]})") from None
+            self.objective.gamma_factor = self.budget.factor
         #: what a training step runs forward through: the network, or its DDP wrapper (rebuilt after compaction)
         self.forward: torch.nn.Module = wrap_ddp(self.model, self.dist, self.device)
         self._gate_rng = torch.Generator(device=self.device)
@@ -342,6 +354,7 @@ class Trainer:
             "timing": self.timer.state(),  # measured step times (pruning.timing): differ between runs
             "rng": capture_rng(),
             "audit": self.audit.state_dict(),
+            "budget": None if self.budget is None else self.budget.state_dict(),
             "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed, "batch": p.batch,
                        "world_size": self.dist.world_size},
             "data": data_record(self.data),
@@ -461,6 +474,8 @@ class Trainer:
                 for g in self.opt_w.param_groups:
                     g["lr"] = lr
                 ef = self.meter.expected_flops(model, self.spec)  # E[F] at the θ of this sample (Figure 4)
+                if self.budget is not None:  # γ_k from the cost at θ_k (pruning.budget)
+                    self.objective.gamma_factor = self.budget.control(self.meter, model, self.spec, p.global_step)
                 observe = t.audit_every and p.global_step % t.audit_every == 0
                 try:
                     with sampling_generator(self._gates_at(p.global_step)):
@@ -501,7 +516,8 @@ class Trainer:
                     loss_now, j_now = (float(v) / world for v in mean)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_now:.3f}", layers=self.spec.depth, lr=f"{lr:.3g}")
-                    self.log.iteration(p.global_step, {"train_loss": loss_now, "J": j_now, "lr": lr})
+                    self.log.iteration(p.global_step, {"train_loss": loss_now, "J": j_now, "lr": lr,
+                                                       **({} if self.budget is None else {"gamma": self.budget.gamma})})
                 self._after_step(epoch, spe)
             self.guard.settle()
         except NonFiniteUpdate as err:
@@ -558,6 +574,7 @@ class Trainer:
             "prune_events": len(p.events),
             "epoch_time_s": epoch_time,
             "wall_time_s": p.train_time_s,
+            **({} if self.budget is None else self.budget.record()),
         }
         return rec
 
