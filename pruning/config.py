@@ -37,6 +37,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet")
 MODES = ("combined", "layer", "unit", "none")
+#: ``objective.cost``: the complexity ``C`` of [11] — expected FLOPs/parameters [9]/[10], or measured latency.
+COSTS = ("flops-params", "latency")
+LATENCY_TARGETS = ("inference", "train")
 ESTIMATORS = ("straight-through", "exact-difference")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "cosine-restarts", "step", "constant")
@@ -120,6 +123,11 @@ class ObjectiveConfig:
     delta: float = 0.5
     lambda_: float = 2.0
     elementwise: bool = True
+    # "latency": C = α_t E[T] + β Σθ_B with E[T] from the calibrated model in latency_model
+    # (python -m pruning calibrate; theory.latency); rho and elementwise then play no role
+    cost: str = "flops-params"
+    latency_model: str = ""
+    latency_target: str = "inference"  # which fit of the file: "inference" or "train" (forward+backward)
 
 
 @dataclass(frozen=True)
@@ -362,6 +370,12 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(finite(o.rho) and 0.0 <= o.rho <= 1.0, "objective.rho", "must lie in [0, 1]", o.rho)
     need(finite(o.delta) and o.delta >= 0, "objective.delta", "must be >= 0", o.delta)
     need(finite(o.lambda_) and o.lambda_ >= 0, "objective.lambda", "must be >= 0", o.lambda_)
+    need(o.cost in COSTS, "objective.cost", f"unknown cost (choose one of {', '.join(COSTS)})", o.cost)
+    need(o.latency_target in LATENCY_TARGETS, "objective.latency_target",
+         f"unknown target (choose one of {', '.join(LATENCY_TARGETS)})", o.latency_target)
+    need(o.cost != "latency" or bool(o.latency_model), "objective.latency_model",
+         "cost = \"latency\" needs the path of a latency model (python -m pruning calibrate --out FILE)",
+         o.latency_model)
     need(cfg.optim.kind in OPTIMIZERS, "optim.kind", f"unknown optimiser (choose one of {', '.join(OPTIMIZERS)})",
          cfg.optim.kind)
     need(finite(w.lr) and w.lr > 0, "optim.weights.lr", "must be > 0", w.lr)
@@ -550,15 +564,25 @@ def load_config(
 
 def _file_errors(cfg: RunConfig) -> list[str]:
     """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read)."""
+    errors: list[str] = []
+    o = cfg.objective
+    if o.cost == "latency" and o.latency_model:
+        from theory.latency import LatencyError, load
+
+        try:
+            if not load(o.latency_model).costs(o.latency_target).coef:
+                errors.append(f"objective.latency_model: {o.latency_model} has no {o.latency_target!r} entries")
+        except LatencyError as exc:
+            errors.append(f"objective.latency_model: {exc}")
     if cfg.model.arch != "spec":
-        return []
+        return errors
     from theory.spec import load_spec
 
     try:
         load_spec(cfg.model.spec)
     except ValueError as exc:
-        return [f"model.spec: {exc}"]
-    return []
+        return [*errors, f"model.spec: {exc}"]
+    return errors
 
 
 def to_toml(cfg: RunConfig) -> str:
