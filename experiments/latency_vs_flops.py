@@ -6,9 +6,10 @@ FLOPs/parameters cost and a γ grid with ``objective.cost = "latency"`` (the cal
 exist), each as ``python -m pruning train`` in its own run folder.  Then it times inference of
 every exported network (``export/model.pt2``) against the dense run's export, interleaved round by
 round in this one process, one thread, at ``--batch``; speed-up = dense time / pruned time (median
-over rounds).  Comparison at equal accuracy: for every latency run, the FLOPs runs' speed-up is
-interpolated (linearly, on the FLOPs runs sorted by accuracy) at the latency run's accuracy —
-only inside the FLOPs runs' accuracy range, never extrapolated — and the gain is
+over rounds) on the thread's CPU time (robust to other processes on a shared machine; the
+wall-clock speed-up is reported beside it).  Comparison at equal accuracy: for every latency run,
+the FLOPs runs' speed-up is interpolated (linearly, on the FLOPs runs sorted by accuracy) at the
+latency run's accuracy — only inside the FLOPs runs' accuracy range, never extrapolated — and the gain is
 ``latency speed-up / FLOPs speed-up − 1`` (goal ≥ 0.15).  Writes ``results.json`` and
 ``results.md`` (atomically) into ``--out``.
 
@@ -50,25 +51,27 @@ def _train(config: str, out: Path, sets: list[str]) -> dict[str, Any]:
 
 
 def _time_inference(programs: dict[str, Path], input_shape: tuple[int, ...], batch: int, rounds: int,
-                    iters: int) -> dict[str, float]:
+                    iters: int) -> dict[str, dict[str, float]]:
+    """Median seconds per forward of every program: ``{"cpu": thread CPU time, "wall": wall clock}``."""
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     nets = {k: torch.export.load(str(p)).module() for k, p in programs.items()}
     x = torch.randn(batch, *input_shape)
-    times: dict[str, list[float]] = {k: [] for k in nets}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in nets}
     with torch.no_grad():
         for net in nets.values():
             for _ in range(3):
                 net(x)
         for _ in range(rounds):
             for k, net in nets.items():  # interleaved: every round times every network once
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 for _ in range(iters):
                     net(x)
-                times[k].append((time.perf_counter() - t0) / iters)
-    return {k: statistics.median(v) for k, v in times.items()}
+                times[k].append(((time.thread_time() - c0) / iters, (time.perf_counter() - t0) / iters))
+    return {k: {"cpu": statistics.median(c for c, _ in v), "wall": statistics.median(w for _, w in v)}
+            for k, v in times.items()}
 
 
 def _interp(points: list[tuple[float, float]], acc: float) -> float | None:
@@ -137,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             "test_accuracy": rep["test_accuracy"], "fPR": rep.get("fPR"),
             "train_wall_s": rep.get("wall_clock_s"), "train_time_ratio": rep.get("wall_clock_s", 0)
             / max(dense["report"].get("wall_clock_s", 1e-9), 1e-9),
-            "inference_s": times[r["name"]], "inference_speedup": times[dense["name"]] / times[r["name"]],
+            "inference_s": times[r["name"]]["cpu"], "inference_wall_s": times[r["name"]]["wall"],
+            "inference_speedup": times[dense["name"]]["cpu"] / times[r["name"]]["cpu"],
+            "inference_speedup_wall": times[dense["name"]]["wall"] / times[r["name"]]["wall"],
+            "blocks_alive": rep.get("blocks_alive"),
+            "units_left": sum(u.get("left", 0) for u in rep.get("units_left", [])),
         })
     comparisons = []
     for seed in seeds:
@@ -161,11 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     lines = [f"# Latency vs FLOPs objective ({args.config}, seeds {args.seeds}, inference batch {args.batch}, "
              "1 thread)", "", "| run | γ | test acc. | fPR | train wall s | train time / dense | "
-             "inference ms | inference speed-up |", "|---|---|---|---|---|---|---|---|"]
+             "blocks alive | units left | inference ms (CPU) | speed-up (CPU time) | speed-up (wall) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         lines.append(f"| {x['name']} | {x['gamma']:g} | {x['test_accuracy']:.4f} | "
                      f"{(x['fPR'] or 0):.3f} | {x['train_wall_s']:.1f} | {x['train_time_ratio']:.2f} | "
-                     f"{x['inference_s'] * 1e3:.3f} | {x['inference_speedup']:.2f} |")
+                     f"{x['blocks_alive']} | {x['units_left']} | "
+                     f"{x['inference_s'] * 1e3:.3f} | {x['inference_speedup']:.2f} | "
+                     f"{x['inference_speedup_wall']:.2f} |")
     lines += ["", "| latency run | accuracy | latency speed-up | FLOPs speed-up at that accuracy | gain |",
               "|---|---|---|---|---|"]
     for c in comparisons:

@@ -6,14 +6,17 @@ addition, output activation; :func:`theory.latency.elementwise_key`), this modul
 in isolation at a grid of active widths ``(n_in, n_out)`` — a training step (forward, ``sum``,
 backward, train-mode BatchNorm) and an inference call (eval mode, ``no_grad``) at the run's batch
 size — and fits ``t = a + b n_in n_out + c n_out + d n_in`` (:func:`theory.latency.fit_affine`,
-non-negative least squares).  The grid's widths are fractions ``1/8, 1/4, 1/2, 3/4, 1`` of the
-layer's width; the fit error is reported on *held-out* widths ``3/8, 5/8, 7/8`` never used in the
-fit.  Timing: the points of one layer kind are interleaved round by round, each point's time is
-the minimum over rounds of the mean over ``iters`` calls (robust to a shared machine's load
-spikes); ``torch.set_num_threads`` is fixed (recorded).  The result is a versioned JSON file
-(:class:`theory.latency.LatencyModel`, written atomically) that ``objective.latency_model`` points
-at.  Pruning removes units only, never spatial positions, so one calibration covers a network's
-whole run.
+non-negative least squares).  The grid's widths are fractions ``1/8, 1/4, 1/2, 1`` of the
+layer's width; the fit error is reported on *held-out* widths ``3/8, 3/4`` never used in the fit.
+Timing: the points of one layer kind are interleaved round by round, each point's time is the
+minimum over rounds of the mean over a repetition of calls (about :data:`REP_SECONDS` long; the
+minimum is robust to a shared machine's load spikes).  The clock is the calling thread's CPU time
+(``time.thread_time``) on a CPU with one torch thread — all work runs in that thread, and time the
+thread spends descheduled on a loaded machine is not counted — and the wall clock otherwise
+(with ``cuda.synchronize``); the file records which.  ``torch.set_num_threads`` is fixed
+(recorded).  The result is a versioned JSON file (:class:`theory.latency.LatencyModel`, written
+atomically) that ``objective.latency_model`` points at.  Pruning removes units only, never spatial
+positions, so one calibration covers a network's whole run.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from theory.spec import Block, Layer, NetworkSpec
 
 from .models import WeightLayer
 
-FIT_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
-HELDOUT_FRACTIONS = (0.375, 0.625, 0.875)
+FIT_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+HELDOUT_FRACTIONS = (0.375, 0.75)
+#: Target duration of one timed repetition (the number of calls per repetition adapts to it).
+REP_SECONDS = 0.005
 QUICK_FIT_FRACTIONS = (0.25, 0.5, 1.0)
 QUICK_HELDOUT_FRACTIONS = (0.625,)
 
@@ -159,21 +164,38 @@ def _bench_fn(kind: _Kind, n_in: int, n_out: int, target: str, batch: int, devic
     return step
 
 
-def _time_points(fns: list[Callable[[], Any]], rounds: int, iters: int, device: torch.device) -> list[float]:
-    """Seconds per call of each closure: min over ``rounds`` (points interleaved) of the mean of ``iters`` calls."""
+def _clock(device: torch.device) -> tuple[str, Callable[[], float]]:
+    """The thread's CPU time on a CPU with one torch thread (module doc), else the wall clock."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return "thread_time", time.thread_time
+    return "perf_counter", time.perf_counter
+
+
+def _time_points(fns: list[Callable[[], Any]], rounds: int, iters: int | None, device: torch.device) -> list[float]:
+    """Seconds per call of each closure: min over ``rounds`` (points interleaved) of the mean of a repetition.
+
+    A repetition is ``iters`` calls, or (``None``) as many as take about :data:`REP_SECONDS` (at most 50).
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = _clock(device)[1]
     best = [float("inf")] * len(fns)
-    for fn in fns:  # warm-up (allocator, kernels, autograd graph)
+    reps = []
+    for fn in fns:  # warm-up (allocator, kernels, autograd graph), then size the repetition
         fn()
+        sync()
+        t0 = clock()
         fn()
+        sync()
+        one = clock() - t0
+        reps.append(iters if iters is not None else max(1, min(50, round(REP_SECONDS / max(one, 1e-7)))))
     for _ in range(rounds):
         for i, fn in enumerate(fns):
             sync()
-            t0 = time.perf_counter()
-            for _ in range(iters):
+            t0 = clock()
+            for _ in range(reps[i]):
                 fn()
             sync()
-            best[i] = min(best[i], (time.perf_counter() - t0) / iters)
+            best[i] = min(best[i], (clock() - t0) / reps[i])
     return best
 
 
@@ -198,10 +220,10 @@ def calibrate(
     old_threads = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
-    rounds = rounds if rounds is not None else (2 if quick else 3)
-    iters = iters if iters is not None else (3 if quick else 10)
+    rounds = rounds if rounds is not None else (2 if quick else 5)
     started = time.perf_counter()
     entries: dict[str, dict[str, Fit]] = {}
+    clock_name = _clock(dev)[0]
     try:
         for kind in kinds_of(spec):
             pts = _points(kind, quick)
@@ -225,10 +247,11 @@ def calibrate(
                                                                                      or platform.machine()),
         "torch": torch.__version__,
         "threads": threads if threads > 0 else old_threads,
+        "clock": clock_name,
         "batch": batch,
         "quick": quick,
         "rounds": rounds,
-        "iters": iters,
+        "iters": iters if iters is not None else f"adaptive (~{REP_SECONDS * 1e3:g} ms per repetition)",
         "unit": "seconds per call (one layer, one batch)",
         "features": "t = a + b*n_in*n_out + c*n_out + d*n_in",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -141,7 +141,8 @@ def test_latency_gradient_matches_autograd_and_differences() -> None:
     spec = resnet1d(stage_blocks=[1, 1], widths=[3, 4], length=6)
     costs = _random_costs(spec, 5)
     coeffs = latency_coefficients_for(spec, 0.3, 0.2, N=100, latency=costs)
-    assert coeffs.alpha_f == coeffs.alpha_p == 0 and coeffs.alpha_t > 0 and coeffs.beta == pytest.approx(0.3 * 0.2 * 100)
+    assert coeffs.alpha_f == coeffs.alpha_p == 0 and coeffs.alpha_t > 0
+    assert coeffs.beta == pytest.approx(0.3 * 0.2 * 100)
     model = ComplexityModel(spec, latency=costs)
     rng = np.random.default_rng(2)
     np_gates = [BlockGates(np.array(rng.uniform()), tuple(rng.uniform(0, 1, n) for n in b.unit_widths), None)

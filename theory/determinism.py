@@ -53,8 +53,8 @@ from .objective import (
     LossKind,
     OutActivation,
     Weights,
-    mask_matrix,
     cost_spec,
+    mask_matrix,
     mask_probabilities,
 )
 from .projection import project, projected_field
