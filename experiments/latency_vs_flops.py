@@ -37,7 +37,10 @@ from theory.atomic import atomic_write_text  # noqa: E402
 GOAL = 0.15
 
 
-def _train(config: str, out: Path, sets: list[str]) -> dict[str, Any]:
+def _train(config: str, out: Path, sets: list[str], reuse: bool) -> dict[str, Any]:
+    if reuse and (out / "report.json").exists() and (out / "export" / "model.pt2").exists():
+        rep = json.loads((out / "report.json").read_text())
+        return {"out": str(out), "sets": sets, "process_wall_s": float("nan"), "report": rep, "reused": True}
     cmd = [sys.executable, "-m", "pruning", "train", "--config", config, "--out", str(out), "--overwrite"]
     for s in ["train.tensorboard=false", "train.progress=false", *sets]:
         cmd += ["--set", s]
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every run")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs (report + export) found in --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,16 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     def run(job: tuple[str, float, int, list[str]]) -> dict[str, Any]:
         cost, gamma, seed, sets = job
         name = f"{cost}_g{gamma:g}_s{seed}" if cost != "dense" else f"dense_s{seed}"
-        r = _train(args.config, out / name, [f"train.seed={seed}", *args.set, *sets])
+        r = _train(args.config, out / name, [f"train.seed={seed}", *args.set, *sets], args.reuse)
         print(f"{name}: acc {r['report']['test_accuracy']:.4f}, wall {r['process_wall_s']:.0f} s", flush=True)
         return {"name": name, "cost": cost, "gamma": gamma, "seed": seed, **r}
 
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(run, jobs))
+    from theory.complexity import ComplexityModel
+    from theory.latency import load as load_latency
     from theory.spec import load_spec
 
     programs = {r["name"]: Path(r["out"]) / "export" / "model.pt2" for r in runs}
     spec = load_spec(Path(runs[0]["out"]) / "export" / "spec.json")
+    costs = load_latency(lat).costs("inference")
+    predicted = {r["name"]: float(ComplexityModel(load_spec(Path(r["out"]) / "export" / "spec.json"),
+                                                  latency=costs).latency()) for r in runs}
     times = _time_inference(programs, tuple(spec.input_shape), args.batch, args.rounds, args.iters)
     rows = []
     for r in runs:
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "inference_s": times[r["name"]]["cpu"], "inference_wall_s": times[r["name"]]["wall"],
             "inference_speedup": times[dense["name"]]["cpu"] / times[r["name"]]["cpu"],
             "inference_speedup_wall": times[dense["name"]]["wall"] / times[r["name"]]["wall"],
+            "predicted_speedup": predicted[dense["name"]] / predicted[r["name"]],
             "blocks_alive": rep.get("blocks_alive"),
             "units_left": sum(u.get("left", 0) for u in rep.get("units_left", [])),
         })
@@ -168,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     lines = [f"# Latency vs FLOPs objective ({args.config}, seeds {args.seeds}, inference batch {args.batch}, "
              "1 thread)", "", "| run | γ | test acc. | fPR | train wall s | train time / dense | "
-             "blocks alive | units left | inference ms (CPU) | speed-up (CPU time) | speed-up (wall) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "blocks alive | units left | inference ms (CPU) | speed-up (CPU time) | speed-up (wall) | "
+             "speed-up predicted by the latency model |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         lines.append(f"| {x['name']} | {x['gamma']:g} | {x['test_accuracy']:.4f} | "
                      f"{(x['fPR'] or 0):.3f} | {x['train_wall_s']:.1f} | {x['train_time_ratio']:.2f} | "
                      f"{x['blocks_alive']} | {x['units_left']} | "
                      f"{x['inference_s'] * 1e3:.3f} | {x['inference_speedup']:.2f} | "
-                     f"{x['inference_speedup_wall']:.2f} |")
+                     f"{x['inference_speedup_wall']:.2f} | {x['predicted_speedup']:.2f} |")
     lines += ["", "| latency run | accuracy | latency speed-up | FLOPs speed-up at that accuracy | gain |",
               "|---|---|---|---|---|"]
     for c in comparisons:
