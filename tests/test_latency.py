@@ -167,7 +167,7 @@ def test_latency_gradient_matches_autograd_and_differences() -> None:
 @pytest.mark.parametrize("run", [determinism.run_multilinear, determinism.run_affine, determinism.run_vertex_min,
                                  determinism.run_rounding])
 def test_theorem_3_1_checks_hold_for_the_latency_cost(run) -> None:
-    res = run(np.random.default_rng(11), 4, cost="latency", max_gates=6)
+    res = run(np.random.default_rng(11), 3, cost="latency", max_gates=5)
     assert res.failures == 0, res.details
 
 
