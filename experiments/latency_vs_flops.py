@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Latency vs FLOPs objective ({args.config}, seeds {args.seeds}, inference batch {args.batch}, "
              "1 thread)", "", "| run | γ | test acc. | fPR | train wall s | train CPU s | train CPU / dense | "
              "blocks alive | units left | inference ms (CPU) | speed-up (CPU time) | speed-up (wall) | "
-             "speed-up predicted by the latency model |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "speed-up predicted by the latency model |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         lines.append(f"| {x['name']} | {x['gamma']:g} | {x['test_accuracy']:.4f} | "
                      f"{(x['fPR'] or 0):.3f} | {x['train_wall_s']:.1f} | {x['train_cpu_s']:.1f} | "
