@@ -20,6 +20,8 @@ pareto) are drawn from the same run directories.
 
     python experiments/compare.py --grid quick --datasets mnist1d,digits --seeds 3 --epochs 15 --jobs 2
     python experiments/compare.py ... --report-only      # aggregate what is there, train nothing
+    python experiments/compare.py --runs runs/sweep1     # the runs of a sweep (python -m pruning sweep):
+                                                         # runs/sweep1/compare.md and runs/sweep1/figures
 """
 
 from __future__ import annotations
@@ -77,15 +79,18 @@ class Setting:
     gamma: float | None = None
     rho: float | None = None
     delta: float | None = None
+    #: further grid values of a sweep (``python -m pruning sweep``): ``(field, value text)`` pairs
+    extra: tuple[tuple[str, str], ...] = ()
 
     @property
     def tag(self) -> str:
+        more = [f"{k}{v}" for k, v in self.extra]
         if self.mode == "none":
-            return "none"
+            return "_".join(["none", *more])
         parts = [self.mode, f"g{self.gamma:g}", f"r{self.rho:g}"]
         if self.delta is not None:
             parts.append(f"d{self.delta:g}")
-        return "_".join(parts)
+        return "_".join(parts + more)
 
     def overrides(self) -> list[str]:
         """``--set`` strings; parameters a mode does not use are pinned so that the run dir says everything."""
@@ -97,10 +102,11 @@ class Setting:
 
     def label(self) -> str:
         """Short legend text, e.g. ``combined γ=0.1 ρ=0.2 δ=0.5``."""
+        more = "".join(f" {k}={v}" for k, v in self.extra)
         if self.mode == "none":
-            return "baseline"
+            return "baseline" + more
         s = f"{MODE_TITLES[self.mode]} γ={self.gamma:g} ρ={self.rho:g}"
-        return s + (f" δ={self.delta:g}" if self.delta is not None else "")
+        return s + (f" δ={self.delta:g}" if self.delta is not None else "") + more
 
 
 @dataclass(frozen=True)
@@ -353,16 +359,32 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def setting_dict(s: Setting) -> dict[str, Any]:
-    return {"dataset": s.dataset, "mode": s.mode, "gamma": s.gamma, "rho": s.rho, "delta": s.delta}
+    out = {"dataset": s.dataset, "mode": s.mode, "gamma": s.gamma, "rho": s.rho, "delta": s.delta}
+    return {**out, "extra": dict(s.extra)} if s.extra else out
 
 
-def setting_from_config(cfg: dict[str, Any]) -> Setting:
+def setting_from_config(cfg: dict[str, Any], extra: tuple[tuple[str, str], ...] = ()) -> Setting:
     """The :class:`Setting` a run's configuration (report.json ``config``) belongs to."""
     mode, o = cfg["model"]["mode"], cfg["objective"]
     if mode == "none":
-        return Setting(cfg["data"]["name"], "none")
+        return Setting(cfg["data"]["name"], "none", extra=extra)
     return Setting(cfg["data"]["name"], mode, float(o["gamma"]), float(o["rho"]),
-                   None if mode == "unit" else float(o["delta"]))
+                   None if mode == "unit" else float(o["delta"]), extra)
+
+
+#: what :class:`Setting` holds already (other grid fields of a sweep become its ``extra``)
+_SETTING_FIELDS = {"data.name", "model.mode", "objective.gamma", "objective.rho", "objective.delta"}
+
+
+def sweep_extra(d: Path) -> tuple[tuple[str, str], ...]:
+    """The grid values of a sweep's run folder ``<out>/<setting>/seed<k>`` other than the Setting's own
+    (from ``<out>/<setting>/sweep_point.json``, written by ``python -m pruning sweep``)."""
+    point = _read_json(d.parent / "sweep_point.json")
+    params = point.get("params") if isinstance(point, dict) else None
+    if not isinstance(params, dict):
+        return ()
+    return tuple((k, json.dumps(v) if not isinstance(v, str) else v)
+                 for k, v in params.items() if k not in _SETTING_FIELDS)
 
 
 def record_from_dir(d: Path) -> dict[str, Any] | None:
@@ -371,11 +393,12 @@ def record_from_dir(d: Path) -> dict[str, Any] | None:
     if rep is None:
         return None
     meta = _read_json(d / RUN_META) or {}
-    s = setting_from_config(rep["config"])
+    s = setting_from_config(rep["config"], sweep_extra(d))
     return {
         **setting_dict(s),
         "setting": s,
         "seed": int(rep["config"]["train"]["seed"]),
+        "arch": rep["config"].get("model", {}).get("arch", "?"),
         "epochs": int(rep["epochs_completed"]),
         "acc": float(rep["test_accuracy"]),
         "fPR": float(rep["fPR"]),
@@ -452,7 +475,8 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
         ds = list(CONFIGS).index(r["dataset"]) if r["dataset"] in CONFIGS else 99
-        return (ds, r["dataset"], MODES.index(r["mode"]), r["gamma"] or 0.0, r["rho"] or 0.0, r["delta"] or 0.0)
+        return (ds, r["dataset"], MODES.index(r["mode"]), r["gamma"] or 0.0, r["rho"] or 0.0, r["delta"] or 0.0,
+                r["setting"].extra)
 
     return sorted(rows, key=key)
 
@@ -579,8 +603,9 @@ def results_table(rows: Sequence[dict[str, Any]], dataset: str) -> list[str]:
         if r["dataset"] != dataset:
             continue
         layers = f"{r['layers']:.1f} ± {r['layers_sd']:.1f}" if not math.isnan(r["layers_sd"]) else f"{r['layers']:.1f}"
+        more = "".join(f" {k}={v}" for k, v in r["setting"].extra)
         lines.append(
-            f"| {MODE_TITLES[r['mode']]} | {_p(r['gamma'])} | {_p(r['rho'])} | {_p(r['delta'])} "
+            f"| {MODE_TITLES[r['mode']]}{more} | {_p(r['gamma'])} | {_p(r['rho'])} | {_p(r['delta'])} "
             f"| {_pm(r['acc'], r['acc_sd'])} | {_pm(r['baseline_acc'], r['baseline_acc_sd'])} "
             f"| {layers} / {r['baseline_layers']} | {_pm(r['fPR'], r['fPR_sd'], digits=1)} "
             f"| {_pm(r['pPR'], r['pPR_sd'], digits=1)} | {_pm(r['cost'], r['cost_sd'], 1.0, 3)} "
@@ -838,6 +863,41 @@ def write_results(args: argparse.Namespace, runs: Sequence[RunSpec], records: Se
     return text
 
 
+def write_runs_results(root: Path, records: Sequence[dict[str, Any]], figures: Sequence[Path], path: Path,
+                       command: str) -> str:
+    """The tables and front comparison of every finished run under ``root`` (``--runs``: e.g. a sweep's
+    folder), written atomically to ``path``."""
+    rows = aggregate(records)
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    L: list[str] = [
+        f"# Comparison of the runs under `{_rel(root)}`",
+        "",
+        "*Written by `experiments/compare.py --runs`; rerun the command below to refresh it.*",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"{len(records)} finished runs (every `report.json` under the folder), {len(rows)} settings. Columns as in "
+        "`experiments/RESULTS.md`: mean ± sd over seeds; a sweep's further grid values follow the mode.",
+        "",
+        *machine_info(),
+        "",
+    ]
+    for ds in datasets:
+        arches = ", ".join(sorted({str(r.get("arch", "?")) for r in records if r["dataset"] == ds}))
+        L += [f"## {ds} ({arches})", "", *results_table(rows, ds), ""]
+        if len({r["mode"] for r in rows if r["dataset"] == ds} - {"none"}) > 1:
+            L += ["Pareto fronts (accuracy vs fPR, per-setting means):", "", *dominance_text(rows, ds), ""]
+    if not datasets:
+        L += ["No finished runs yet.", ""]
+    if figures:
+        L += ["## Figures", "", *(f"- `{_rel(p)}`" for p in figures), ""]
+    text = "\n".join(L)
+    atomic_write_text(path, text)
+    return text
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------------
@@ -950,8 +1010,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (each single-threaded)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="root of the run directories")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra override for every run (repeatable)")
-    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="markdown file written at the end")
-    p.add_argument("--figures", default=str(DEFAULT_FIGURES), help="folder of the figures ('' = none)")
+    p.add_argument("--results", default=None,
+                   help=f"markdown file written at the end (default: {_rel(DEFAULT_RESULTS)}; with --runs: "
+                        "<runs>/compare.md, so the committed results are only replaced when named here)")
+    p.add_argument("--figures", default=None,
+                   help=f"folder of the figures ('' = none; default: {_rel(DEFAULT_FIGURES)}; with --runs: "
+                        "<runs>/figures)")
+    p.add_argument("--runs", default=None, metavar="DIR",
+                   help="train nothing; compare every finished run under DIR (e.g. the folder of "
+                        "python -m pruning sweep) in the same tables and figures")
     p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs")
     p.add_argument("--retry-failed", action="store_true", help="train again runs whose last attempt failed")
     return p
@@ -971,8 +1038,30 @@ def _session(root: Path, start: float, argv: list[str], elapsed: float | None, c
     atomic_write_text(root / SESSIONS, json.dumps(sess, indent=2) + "\n")
 
 
+def main_runs(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--runs DIR``: the tables and figures of the finished runs under DIR; writes nothing outside DIR
+    unless ``--results``/``--figures`` name another place."""
+    root = Path(args.runs)
+    if not root.is_dir():
+        print(f"error: --runs {root}: no such folder", file=sys.stderr)
+        return 2
+    results = Path(args.results) if args.results is not None else root / "compare.md"
+    fig_dir = Path(args.figures) if args.figures is not None else root / "figures"
+    records = load_records(root)
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    figures = draw_figures(root, fig_dir, datasets, records) if args.figures != "" and records else []
+    if args.results != "":
+        write_runs_results(root, records, figures, results, shlex.join(["python", "experiments/compare.py", *argv]))
+        print(f"wrote {results} ({len(records)} finished runs under {root})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.runs is not None:
+        return main_runs(args, list(sys.argv[1:] if argv is None else argv))
+    args.results = str(DEFAULT_RESULTS) if args.results is None else args.results
+    args.figures = str(DEFAULT_FIGURES) if args.figures is None else args.figures
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in args.datasets if d not in CONFIGS]
     if bad or args.seeds < 1 or args.jobs < 1 or (args.epochs is not None and args.epochs < 1):

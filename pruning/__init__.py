@@ -16,8 +16,13 @@ The public API, importable from here (loaded on first use)::
     net = pruning.from_spec(pruning.load_spec("net.toml"), mode="combined",
                             estimator="straight-through", theta_init=1.0)   # or a spec file
     report = pruning.Trainer(pruning.load_config("cfg.toml"), "runs/x", model=net).fit()
+    data = pruning.from_datasets(train_ds, test_ds)             # your torch Datasets ...
+    report = pruning.Trainer(cfg, "runs/y", model=net, data=data).fit()   # ... trained on
     cfg, model, ckpt = pruning.load_run("runs/x")
     pruning.save_export(pruning.export_deterministic(model), "runs/x/export", onnx=True)
+    program, meta = pruning.load_export("runs/x/export")       # the network + input shape, classes, mean/std
+    logits = program(meta.prepare(raw_batch))
+    results = pruning.sweep_grid("cfg.toml", ["gamma=0.02,0.05", "rho=0.2,0.8"], seeds=3, out="runs/sweep1")
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 _API = {
     # configuration
     "RunConfig": ".config", "load_config": ".config", "ConfigError": ".config",
+    # data: the named datasets, your image folder / .npz file, your torch Datasets
+    "load_dataset": ".data", "DataSplits": ".data", "Preprocess": ".data", "from_datasets": ".userdata",
     # networks
     "GatedNetwork": ".models", "build_model": ".models", "from_spec": ".models",
     "gate": ".convert", "ConversionError": ".convert",
@@ -37,9 +44,11 @@ _API = {
     # (the function pruning.train.train is not listed: ``pruning.train`` is its module)
     "Trainer": ".train", "load_run": ".train", "export_run": ".train",
     "TrainingDiverged": ".train", "prune": ".compaction",
+    "sweep_grid": ".sweep",
     # deployment
     "export_deterministic": ".export", "save_export": ".export", "save_onnx": ".export",
-    "DeterministicNetwork": ".export",
+    "DeterministicNetwork": ".export", "load_export": ".export", "load_metadata": ".export",
+    "ExportMetadata": ".export",
 }
 
 __all__ = sorted(_API)

@@ -225,6 +225,57 @@ def _block_key(l: int) -> str:
     return f"block:{l}"
 
 
+class _ObserveLayout:
+    """Flat index tensors of :meth:`PruningAudit.observe` for one plan (one structure).
+
+    ``fan_in`` lists every unit group's fan-in tensors (producer weight rows, bias, BN pair),
+    ``fan_out`` every consumer weight; ``fan_in_unit``/``fan_out_unit`` give, for each element of
+    their flattened concatenation (logical row-major order, whatever the memory format), the global
+    index of the unit it belongs to (a row of a fan-in tensor, a column of a consumer weight).
+    ``unit_block`` maps units, ``param_block`` path parameters, to the position of their block.
+    """
+
+    def __init__(self, plan: list[tuple[BlockGroup, list[Tensor], list[Any]]]) -> None:
+        self.blocks = [bg for bg, _, _ in plan]
+        self.block_gates = [bg.gate for bg in self.blocks]
+        self.params = [p for _, params, _ in plan for p in params]
+        self.units = [u for _, _, units in plan for u in units]
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self.device = dev
+        self.fan_in = [p for _, fan_in, _ in self.units for p in fan_in]
+        self.fan_out = [Q for _, _, Q in self.units]
+        in_idx, out_idx, unit_block, sizes = [], [], [], []
+        offset = 0
+        for b, (_, _, units) in enumerate(plan):
+            for ug, fan_in, Q in units:
+                n = int(ug.gate.theta.shape[0])
+                rows = torch.arange(offset, offset + n, dtype=torch.long)
+                for p in fan_in:
+                    in_idx.append(rows.repeat_interleave(p.numel() // n))
+                per = Q.numel() // (Q.shape[0] * n)  # elements of one (output, input channel) kernel
+                out_idx.append(rows.repeat_interleave(per).repeat(Q.shape[0]))
+                unit_block.append(torch.full((n,), b, dtype=torch.long))
+                sizes.append(n)
+                offset += n
+        self.n_units = offset
+        def cat(xs: list[Tensor]) -> Tensor:
+            return torch.cat(xs).to(dev) if xs else torch.zeros(0, dtype=torch.long, device=dev)
+
+        self.fan_in_unit, self.fan_out_unit, self.unit_block = cat(in_idx), cat(out_idx), cat(unit_block)
+        self.unit_group = cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+        # per block, the positions of its units in a per-unit vector extended by one -inf entry (padding)
+        per_block: list[list[int]] = [[] for _ in plan]
+        for u, b in enumerate(self.unit_block.tolist()):
+            per_block[b].append(u)
+        width = max((len(x) for x in per_block), default=0)
+        self.block_units = torch.tensor([x + [offset] * (width - len(x)) for x in per_block], dtype=torch.long,
+                                        device=dev).reshape(-1)
+        self.block_width = width
+        # every path parameter, flattened and concatenated: its elements' block
+        self.param_elem_block = cat([torch.full((p.numel(),), b, dtype=torch.long)
+                                     for b, (_, params, _) in enumerate(plan) for p in params])
+
+
 class PruningAudit:
     """Online Lemma-1 estimate, per-structure records at flag/removal time, counterfactual tracking.
 
@@ -256,6 +307,8 @@ class PruningAudit:
         self.observations = 0
         self._plan_key: tuple[Any, Any] | None = None
         self._plan_cache: list[tuple[BlockGroup, list[Tensor], list[Any]]] = []
+        self._layout_key: tuple[Any, Any] | None = None
+        self._layout_cache: _ObserveLayout
 
     # -- complexity gradients -----------------------------------------------------------------
     def gammas(self, model: Any, spec: NetworkSpec) -> tuple[list[float | None], list[list[float]]]:
@@ -286,59 +339,94 @@ class PruningAudit:
         self._plan_key, self._plan_cache = (model, spec), plan
         return plan
 
+    def _layout(self, model: Any, spec: NetworkSpec) -> _ObserveLayout:
+        """The flat index layout of :meth:`observe` for the current plan (built once per structure)."""
+        plan = self._plan(model, spec)
+        if self._layout_key is not None and self._layout_key[0] is model and self._layout_key[1] is spec:
+            return self._layout_cache
+        self._layout_key, self._layout_cache = (model, spec), _ObserveLayout(plan)
+        return self._layout_cache
+
     @torch.no_grad()
     def observe(self, model: Any, spec: NetworkSpec) -> None:
         """Record the four Lemma-1 ratios of every alive block from the gradients of this iteration.
 
         Called after the backward pass and before the optimiser step; no host sync but one ``tolist``.
+        Every unit of every block at once (:class:`_ObserveLayout`: the fan-in rows ``w_i`` and fan-out
+        columns ``v_i`` of all unit groups as one flat vector each, reduced per unit with ``index_add_``
+        and per block with ``scatter_reduce_``): a few dozen tensor operations whatever the depth.
         """
         if self.objective.coeffs is None:
             return
-        plan = self._plan(model, spec)
-        if not plan:
+        lay = self._layout(model, spec)
+        if not lay.blocks:
             return
         gB, g1 = self.gammas(model, spec)
         wd = float(self.objective.weight_decay)
         exact = self.estimator == "exact-difference"
-        rows: list[Tensor] = []
-        for bg, params, units in plan:
-            l = bg.block
-            dev = params[0].device
-            ninf = torch.full((), -math.inf, device=dev)
-            gate_B = bg.gate
-            theta_B = gate_B.theta.detach() if gate_B is not None else torch.ones((), device=dev)
-            xi_B = gate_B.last_sample if gate_B is not None and gate_B.last_sample is not None else theta_B.new_ones(())
-            r = [ninf, ninf, ninf, ninf]
-            gamma_B = gB[l]
-            if gate_B is not None and gate_B.theta.grad is not None and gamma_B is not None:
-                W_sq = torch.stack([p.detach().square().sum() for p in params]).sum()
-                r[3] = torch.where(W_sq > _TINY, (gate_B.theta.grad - gamma_B).abs() / (0.5 * W_sq), ninf)
-            for ug, fan_in, Q in units:
-                gate = ug.gate
-                if gate.theta.grad is None or any(p.grad is None for p in fan_in) or Q.grad is None:
-                    continue
-                n = gate.theta.shape[0]
-                P = torch.cat([p.detach().reshape(n, -1) for p in fan_in], 1)
-                H = torch.cat([p.grad.reshape(n, -1) for p in fan_in], 1).sub_(P, alpha=wd)  # data part
-                V = Q.detach().transpose(0, 1).reshape(n, -1)
-                K = torch.add(Q.grad, Q.detach(), alpha=-wd).transpose(0, 1).reshape(n, -1)
-                w, v = P.norm(dim=1), V.norm(dim=1)
-                gi = gate.theta.grad - theta_B * g1[l][ug.layer]
+        dev, nb = lay.device, len(lay.blocks)
+        ninf = torch.full((nb,), -math.inf, device=dev)
+        one = torch.ones((), device=dev)
+        theta_B = torch.stack([one if g is None else g.theta.detach().reshape(()) for g in lay.block_gates])
+        xi_B = torch.stack([one if g is None else (g.theta.new_ones(()) if g.last_sample is None
+                                                     else g.last_sample.reshape(()))
+                            for g in lay.block_gates])
+        # ratio g_B (Lemma 1 [28], block part): |∂J/∂θ_B − γ_B/N| / (½||W||²), blocks with a gate gradient
+        r3 = ninf
+        ok_B = [g is not None and g.theta.grad is not None and gB[bg.block] is not None
+                for g, bg in zip(lay.block_gates, lay.blocks)]
+        if any(ok_B) and lay.params:
+            flat = torch.cat([p.reshape(-1) for p in lay.params]).float()
+            W_sq = torch.zeros(nb, device=dev).index_add_(0, lay.param_elem_block, flat.square())
+            grad_B = torch.stack([g.theta.grad.reshape(()).float() if ok else one.float()
+                                  for g, ok in zip(lay.block_gates, ok_B)])
+            gam_B = torch.tensor([float(gB[bg.block]) if ok else 0.0 for bg, ok in zip(lay.blocks, ok_B)],
+                                 device=dev)
+            valid = torch.tensor(ok_B, device=dev) & (W_sq > _TINY)
+            r3 = torch.where(valid, (grad_B - gam_B).abs() / (0.5 * W_sq), ninf)
+        ra = rb = rc = ninf
+        if lay.units:
+            groups = lay.units
+            unit_ok = [ug.gate.theta.grad is not None and all(p.grad is not None for p in fan_in) and Q.grad is not None
+                       for ug, fan_in, Q in groups]
+            if any(unit_ok):
+                P = torch.cat([p.reshape(-1) for p in lay.fan_in]).float()
+                G = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                               for p in lay.fan_in]).float().sub_(P, alpha=wd)  # the data part of the gradient
+                Q = torch.cat([q.reshape(-1) for q in lay.fan_out]).float()
+                K = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1)
+                               for q in lay.fan_out]).float().sub_(Q, alpha=wd)
+                nu = lay.n_units
+                sq = torch.zeros(4, nu, device=dev)
+                sq[0].index_add_(0, lay.fan_in_unit, P.square())
+                sq[1].index_add_(0, lay.fan_out_unit, Q.square())
+                sq[2].index_add_(0, lay.fan_in_unit, G.square())
+                sq[3].index_add_(0, lay.fan_out_unit, K.square())
+                w, v, h, k = sq.sqrt().unbind(0)
+                tgrad = torch.cat([(ug.gate.theta.grad if ok else torch.zeros_like(ug.gate.theta)).reshape(-1)
+                                   for (ug, _, _), ok in zip(groups, unit_ok)]).float()
+                g1_units = torch.tensor([g1[ug.block][ug.layer] for ug, _, _ in groups], device=dev)[lay.unit_group]
+                tB = theta_B[lay.unit_block]
+                gi = tgrad - tB * g1_units
+                live = torch.tensor(unit_ok, device=dev)[lay.unit_group]
                 if exact:  # the estimate is θ_B g_i
-                    ok_g = theta_B > 0
-                    gi = gi / theta_B
+                    ok_g = tB > 0
+                    gi = gi / tB
                 else:  # straight-through: g_i on samples with ξ_B = 1 (0 otherwise)
-                    ok_g = xi_B > 0.5
+                    ok_g = xi_B[lay.unit_block] > 0.5
+                xi = torch.cat([(ug.gate.last_sample if ug.gate.last_sample is not None
+                                 else torch.ones_like(ug.gate.theta)).reshape(-1) for ug, _, _ in groups]).float()
+                on = live & ((xi * xi_B[lay.unit_block]) > 0.5)
                 wv = w * v
-                xi = gate.last_sample if gate.last_sample is not None else torch.ones_like(w)
-                on = (xi * xi_B) > 0.5
-                ra = torch.where(ok_g & (wv > _TINY), gi.abs() / wv, ninf).max()
-                rb = torch.where(on & (v > _TINY), H.norm(dim=1) / v, ninf).max()
-                rc = torch.where(on & (w > _TINY), K.norm(dim=1) / w, ninf).max()
-                r[0], r[1], r[2] = torch.maximum(r[0], ra), torch.maximum(r[1], rb), torch.maximum(r[2], rc)
-            rows.append(torch.stack([x.reshape(()).float() for x in r]))
-        values = torch.stack(rows).cpu().tolist()
-        for (bg, _, _), vals in zip(plan, values):
+                per_unit = torch.stack([
+                    torch.where(live & ok_g & (wv > _TINY), gi.abs() / wv, -math.inf),
+                    torch.where(on & (v > _TINY), h / v, -math.inf),
+                    torch.where(on & (w > _TINY), k / w, -math.inf),
+                ])
+                padded = torch.cat([per_unit, per_unit.new_full((3, 1), -math.inf)], 1)
+                ra, rb, rc = padded[:, lay.block_units].reshape(3, nb, lay.block_width).amax(2).unbind(0)
+        values = torch.stack([ra, rb, rc, r3], 1).cpu().tolist()
+        for bg, vals in zip(lay.blocks, values):
             row = [x if x > -math.inf else math.nan for x in vals]  # -inf: nothing observed this time
             self._ratios.setdefault(bg.block, deque(maxlen=self._maxlen)).append(row)
         self.observations += 1

@@ -35,27 +35,50 @@ _DIMS_WORDS = {1: "1-D inputs (features)", 2: "2-D inputs (channels, length)",
                3: "3-D inputs (channels, height, width)"}
 
 
-def load_data(cfg: RunConfig) -> DataSplits:
-    """``load_dataset`` plus the optional deterministic subsets (first ``k`` examples) of ``[data]``."""
+def load_data(cfg: RunConfig, data: DataSplits | None = None) -> DataSplits:
+    """``load_dataset`` (or ``data``, given in Python) plus the deterministic subsets (first ``k`` examples) of
+    ``[data]``.  The files of an image folder or array dataset that do not serve raise ``ConfigError`` naming
+    ``data.root``."""
     d = cfg.data
-    try:
-        splits = load_dataset(d.name, d.root, **d.options)
-    except DatasetError:
-        raise
-    except (ValueError, TypeError) as exc:  # an option value the loader rejects
-        raise ConfigError([f"data.options: {exc} (dataset {d.name!r})"]) from None
+    if data is not None:
+        splits = data
+    else:
+        try:
+            splits = load_dataset(d.name, d.root, **d.options)
+        except DatasetError as exc:
+            if d.name in ("folder", "array"):
+                raise ConfigError([f"data.root: {exc}"]) from None
+            raise
+        except (ValueError, TypeError) as exc:  # an option value the loader rejects
+            raise ConfigError([f"data.options: {exc} (dataset {d.name!r})"]) from None
     train, test = splits.train, splits.test
     if d.train_subset and d.train_subset < len(train):
         train = _first(train, d.train_subset)
     if d.test_subset and d.test_subset < len(test):
         test = _first(test, d.test_subset)
-    return DataSplits(train, test, splits.num_classes, splits.input_shape, splits.name, splits.classes)
+    return dataclasses.replace(splits, train=train, test=test)
 
 
 def _first(ds: Any, k: int) -> Any:
     if isinstance(ds, InMemoryDataset):
         return ds.subset(range(k))
     return torch.utils.data.Subset(ds, range(k))
+
+
+def data_record(data: DataSplits) -> dict[str, Any]:
+    """What a checkpoint records of the data (primitives): size of the training split, shape, classes and the
+    :class:`~pruning.data.Preprocess` of the inputs — all an export needs to describe its inputs and outputs."""
+    return {
+        "num_classes": int(data.num_classes), "input_shape": [int(n) for n in data.input_shape],
+        "N": len(data.train), "name": data.name, "classes": [str(c) for c in data.classes],
+        "preprocess": None if data.preprocess is None else data.preprocess.to_dict(),
+    }
+
+
+def config_for_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``data.name = "custom"`` (no root, no options) for data given in Python: the run records
+    that its data are not in a file (``load_data`` of the recorded configuration says so)."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name="custom", root=None, options={}))
 
 
 def model_kwargs(cfg: RunConfig, input_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -163,7 +186,8 @@ def check_fits(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -
                            f"({num_classes},) for the {num_classes} classes of {cfg.data.name!r}"])
 
 
-__all__ = ["ARCH_INPUT_DIMS", "build_network", "check_fits", "check_network_fits", "load_data", "model_kwargs"]
+__all__ = ["ARCH_INPUT_DIMS", "build_network", "check_fits", "check_network_fits", "config_for_data", "data_record",
+           "load_data", "model_kwargs"]
 
 
 def latency_costs(cfg: RunConfig, spec: NetworkSpec) -> LatencyCosts | None:

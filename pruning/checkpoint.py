@@ -237,7 +237,7 @@ def epoch_sums_row(rows: list[list[float]], rank: int, world_size: int) -> list[
 def check_resume_config(saved: RunConfig, given: RunConfig) -> None:
     """A resumed run must use the configuration it started with (display-only train keys may differ)."""
     free = {"progress", "tensorboard", "log_every", "out_dir", "device", "checkpoint_every", "dist_timeout_s",
-            "sync_check_every"}
+            "sync_check_every", "timing_steps"}
     a, b = saved.to_dict(), given.to_dict()
     a["train"] = {k: v for k, v in a["train"].items() if k not in free}
     b["train"] = {k: v for k, v in b["train"].items() if k not in free}

@@ -1,4 +1,4 @@
-"""Command line of the training toolkit: ``python -m pruning {train,evaluate,export,flops,calibrate} ...``."""
+"""Command line of the training toolkit: ``python -m pruning {train,sweep,evaluate,export,flops,calibrate} ...``."""
 
 from __future__ import annotations
 
@@ -148,7 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             _say(
                 f"done: test accuracy {report['test_accuracy'] * 100:.2f} %, fPR {report['fPR'] * 100:.1f} %, "
                 f"pPR {report['pPR'] * 100:.1f} %, layers {report['layers_left']}/{report['baseline_layers']}, "
-                f"training cost {report['training_cost_ratio']:.3f} of baseline, {report['wall_clock_s']:.1f} s "
+                f"expected-FLOPs cost {report['training_cost_ratio']:.3f} of baseline"
+                + (f", measured training time {t:.3f} of dense steps" if (t := report.get("measured_train_time_ratio"))
+                   else "") + f", {report['wall_clock_s']:.1f} s "
                 f"-> {out}" + (f" ({report['processes']} processes)" if report.get("processes", 1) > 1 else "")
             )
             if report.get("audit"):
@@ -181,7 +183,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             _say(f"error: {exc}", err=True)
             return 2
-        data = load_data(cfg)
+        try:
+            data = load_data(cfg)
+        except ValueError as exc:  # data given in Python (data.name = "custom"), a dataset that is gone
+            _say(f"error: {args.run}: {exc}", err=True)
+            return 2
         split = data.test if args.split == "test" else data.train
         loader = make_loader(split, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed, device=device,
                              rank=dist.rank, world_size=dist.world_size)
@@ -218,15 +224,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_run, load_run
 
     try:
-        cfg, model, _ = load_run(args.run)
+        cfg, model, ckpt = load_run(args.run)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / cfg.export.dir
-    written = export_run(model, out, onnx=args.onnx or cfg.export.onnx)
+    written = export_run(model, out, onnx=args.onnx or cfg.export.onnx, data=ckpt.get("data"))
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A grid of configuration values × seeds, one run folder each, then results.json/.md (``pruning.sweep``)."""
+    from .sweep import main as sweep_main
+
+    return sweep_main(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -297,6 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning audit (train.audit=true): the ε-rule flags structures but keeps them training; "
                         "reports how many recover (premature-pruning rate) and how many were certified")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="train every point of a grid of configuration values × seeds, then aggregate",
+                       description="Train the cartesian product of --grid × --seeds one run after the other, each in "
+                                   "<out>/<setting>/seed<k>; rerun the same command to continue a stopped sweep. "
+                                   "Writes <out>/results.json and results.md (mean ± sd over seeds).")
+    p.add_argument("--config", help="TOML configuration (default: the embedded default)")
+    p.add_argument("--grid", nargs="+", action="extend", metavar="FIELD=V1,V2",
+                   help="values per field: gamma, rho, delta, lambda (objective.*) or any dotted configuration "
+                        "field, e.g. --grid gamma=0.02,0.05 rho=0.2,0.8 optim.theta.lr=0.01,0.03")
+    p.add_argument("--seeds", type=int, default=1, help="runs per setting, seeds train.seed + 0..N-1 (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
+    p.add_argument("--out", help="sweep folder (default: runs/sweep_<config name>)")
+    p.add_argument("--retry-failed", action="store_true", help="train again runs whose last attempt diverged")
+    p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("evaluate", help="accuracy and FLOPs of a run's latest checkpoint (mean-field network)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--split", choices=("test", "train"), default="test")

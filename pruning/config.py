@@ -35,7 +35,9 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet")
+#: ``data.name`` values: the named datasets, your own image folder or ``.npz`` file (``data.root``), and
+#: ``custom`` (torch Datasets given in Python, recorded by the run; :func:`pruning.userdata.from_datasets`).
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "folder", "array", "custom")
 MODES = ("combined", "layer", "unit", "none")
 #: ``objective.cost``: the complexity ``C`` of [11] — expected FLOPs/parameters [9]/[10], or measured latency.
 COSTS = ("flops-params", "latency")
@@ -87,7 +89,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """``[data]``: ``pruning.data.load_dataset(name, root, **options)``; optional deterministic subsets."""
+    """``[data]``: ``pruning.data.load_dataset(name, root, **options)``; optional deterministic subsets.
+
+    ``name = "folder"``: ``root`` is a folder with ``train/<class>/`` images (and ``test/`` or ``val/``);
+    ``name = "array"``: ``root`` is an ``.npz`` file (``x``, ``y``, optional ``x_test``, ``y_test``,
+    ``classes``); both relative to the working directory (:mod:`pruning.userdata`).
+    """
 
     name: str = "mnist1d"
     root: str | None = None
@@ -175,7 +182,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 1  # CPU threads for torch (0 = torch's default)
     amp_bf16: bool = False
-    channels_last: bool = False
+    channels_last: bool | str = "auto"  # true | false | "auto" (pruning.runtime.resolve_channels_last)
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
@@ -187,6 +194,7 @@ class TrainConfig:
     sync_bn: bool = False  # torchrun runs: BatchNorm statistics over the global batch (pruning.syncbn)
     dist_timeout_s: float = 600.0  # torchrun runs: a collective waiting longer than this fails the run
     sync_check_every: int = 0  # torchrun runs: compare parameter digests across processes every k steps (0 = off)
+    timing_steps: int = 5  # dense-reference steps timed at every start/resume + per-structure step times (0 = off)
 
 
 @dataclass(frozen=True)
@@ -400,6 +408,8 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(t.prune_every >= 1, "train.prune_every", "must be >= 1 (iterations)", t.prune_every)
     need(t.seed >= 0, "train.seed", "must be >= 0", t.seed)
     need(t.device in DEVICES, "train.device", f"unknown device (choose one of {', '.join(DEVICES)})", t.device)
+    need(t.channels_last in (True, False, "auto"), "train.channels_last", 'must be true, false or "auto"',
+         t.channels_last)
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)", t.threads)
     need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     need(t.audit_window >= 1, "train.audit_window", "must be >= 1 (iterations)", t.audit_window)
@@ -409,6 +419,8 @@ def _range_errors(cfg: RunConfig) -> list[str]:
     need(finite(t.dist_timeout_s) and t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0 (seconds)",
          t.dist_timeout_s)
     need(t.sync_check_every >= 0, "train.sync_check_every", "must be >= 0 (iterations; 0 = off)", t.sync_check_every)
+    need(0 <= t.timing_steps <= 1000, "train.timing_steps", "must be in [0, 1000] (reference steps; 0 = no timing)",
+         t.timing_steps)
     need(bool(cfg.export.dir), "export.dir", "must be a non-empty path", cfg.export.dir)
     return errors
 
@@ -440,10 +452,11 @@ def _kwargs_errors(arch: str, kwargs: Mapping[str, Any]) -> list[str]:
 
 
 def _data_option_errors(d: DataConfig) -> list[str]:
-    """``[data.options]`` against the keyword options of the dataset's loader (names with "did you mean", types)."""
+    """``[data.options]`` against the keyword options of the dataset's loader (names with "did you mean", types)
+    and the ranges the dataset declares (``pruning.data.OPTION_RULES``)."""
     if d.name not in DATASETS:
         return []
-    from .data import dataset_options  # the loaders' own signatures: one description of what each accepts
+    from .data import dataset_option_errors, dataset_options  # the loaders' own declarations of what each accepts
 
     accepted = dataset_options(d.name)
     if accepted is None:  # the loader takes any keyword
@@ -456,7 +469,8 @@ def _data_option_errors(d: DataConfig) -> list[str]:
                           f"(known: {', '.join(accepted) or 'none'})")
         elif not _check_type(value, accepted[key])[0]:
             errors.append(_value_error(name, value, accepted[key]))
-    return errors
+    typed = {k: v for k, v in d.options.items() if k in accepted and _check_type(v, accepted[k])[0]}
+    return errors + dataset_option_errors(d.name, typed)
 
 
 def from_dict(raw: Mapping[str, Any], *, source: str = "") -> RunConfig:
@@ -563,8 +577,13 @@ def load_config(
 
 
 def _file_errors(cfg: RunConfig) -> list[str]:
-    """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read)."""
+    """Problems with files a configuration names (checked when it is loaded, not when a checkpoint is read):
+    ``model.spec``, and the image folder or ``.npz`` file of ``data.root`` (headers only, no data loaded)."""
     errors: list[str] = []
+    if cfg.data.name in ("folder", "array", "custom"):
+        from .userdata import source_errors
+
+        errors += source_errors(cfg.data.name, cfg.data.root, cfg.data.options)
     o = cfg.objective
     if o.cost == "latency" and o.latency_model:
         from theory.latency import LatencyError, load
@@ -581,7 +600,7 @@ def _file_errors(cfg: RunConfig) -> list[str]:
     try:
         load_spec(cfg.model.spec)
     except ValueError as exc:
-        return [*errors, f"model.spec: {exc}"]
+        errors.append(f"model.spec: {exc}")
     return errors
 
 

@@ -10,7 +10,13 @@ digits     ``sklearn.datasets``           (1, 8, 8)/(64,) 10      in memory, flo
 cifar10    python pickle batches          (3, 32, 32)     10      in memory, uint8 (normalised
 cifar100   python pickle batches          (3, 32, 32)     100/20  per batch to float32)
 imagenet   ``train/<wnid>/*.JPEG``, val   (3, 224, 224)   1000    lazily from disk with PIL
+folder     ``train/<class>/*.png``, test  (C, crop, crop)  folders lazily from disk with PIL
+array      an ``.npz`` file (x, y, ...)   x.shape[1:]      labels  in memory, as stored
 ========== ============================== =============== ======= ===============================
+
+(``folder``, ``array`` and ``custom`` — torch Datasets given in Python — live in :mod:`pruning.userdata`.)
+Every :class:`DataSplits` records its :class:`Preprocess` (scale, per-channel mean/std, what a raw
+input is), which checkpoints and exports carry.
 
 and :func:`make_loader` turns a split into an :class:`EpochLoader`: the batches of epoch ``e``
 (their order *and* their augmentation) are a function of ``(seed, e)`` only, so a resumed run sees
@@ -31,6 +37,7 @@ folder itself), ImageNet in ``<root>/train`` + ``<root>/val`` or ``<root>/imagen
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -57,6 +64,7 @@ __all__ = [
     "CIFAR_URL",
     "DATASETS",
     "ENV_DATA_ROOT",
+    "FOLDER_AUGMENTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DataSplits",
@@ -66,9 +74,12 @@ __all__ = [
     "ImageFolderDataset",
     "InMemoryDataset",
     "InMemoryLoader",
+    "OPTION_RULES",
+    "Preprocess",
     "RandomCropFlip",
     "WorkerLoader",
     "center_crop_params",
+    "dataset_option_errors",
     "dataset_options",
     "default_root",
     "load_cifar10",
@@ -107,19 +118,68 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """How a raw input becomes a model input: ``x = raw * scale``, then ``(x - mean[c]) / std[c]`` per channel.
+
+    The channel axis is the first axis of one input (axis 1 of a batch); ``mean``/``std`` ``None``
+    means no per-channel normalisation.  ``input`` says in words what a raw input is (e.g. "RGB image:
+    shorter side resized to 36 (bilinear), centre crop 32x32, channels first, values 0..255").  The
+    datasets record it (:attr:`DataSplits.preprocess`), checkpoints and exports carry it
+    (:func:`pruning.export.load_metadata`), so a deployed network needs nothing else.
+    """
+
+    scale: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input: str = ""
+
+    def apply(self, raw: Tensor | np.ndarray) -> Tensor:
+        """A batch of raw inputs (B, C, ...) -> float32 model inputs (what the datasets compute)."""
+        x = torch.as_tensor(raw).to(torch.float32)
+        if x.dim() < 2:
+            raise ValueError(f"Preprocess.apply expects a batch (B, C, ...), got shape {tuple(x.shape)}")
+        if self.mean is None or self.std is None:
+            return x * self.scale if self.scale != 1.0 else x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
+        return x * (self.scale / std).view(shape) - (mean / std).view(shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able record (``formula`` spells the rule out for a reader of the file)."""
+        return {
+            "scale": float(self.scale),
+            "mean": None if self.mean is None else [float(v) for v in self.mean],
+            "std": None if self.std is None else [float(v) for v in self.std],
+            "input": self.input,
+            "formula": "x = (raw * scale - mean[c]) / std[c] for channel c (axis 1 of a batch); "
+                       "no mean/std: x = raw * scale",
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Preprocess:
+        mean, std = record.get("mean"), record.get("std")
+        return cls(float(record.get("scale", 1.0)), None if mean is None else tuple(float(v) for v in mean),
+                   None if std is None else tuple(float(v) for v in std), str(record.get("input", "")))
+
+
+@dataclass(frozen=True)
 class DataSplits:
     """A dataset's train and test splits plus what a model needs to know about them.
 
     ``input_shape`` is the shape of one (un-batched) input as returned by the splits and loaders;
-    ``classes`` holds human-readable class names (CIFAR label names, ImageNet wnids) when known.
+    ``classes`` holds human-readable class names (CIFAR label names, ImageNet wnids, folder names)
+    when known; ``preprocess`` how the splits turn raw inputs into model inputs (``None``: not known,
+    e.g. a dataset given in Python without it).
     """
 
-    train: Any  # an InMemoryDataset or an ImageFolderDataset (both torch Datasets with len())
+    train: Any  # an InMemoryDataset, an ImageFolderDataset or any torch Dataset with len()
     test: Any
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
     classes: tuple[str, ...] = ()
+    preprocess: Preprocess | None = None
 
 
 def default_root() -> Path:
@@ -353,12 +413,22 @@ class InMemoryDataset(Dataset):
         return self._with(self.inputs[idx], self.targets[idx])
 
 
+def _channel_histograms(images: Tensor) -> Tensor:
+    """Per-channel counts of the 256 values of uint8 images (N, C, ...): float64 (C, 256)."""
+    return torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+                        for c in range(images.shape[1])])
+
+
 def _channel_stats_uint8(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and (population) std in [0, 1] units of uint8 images (N, C, H, W), via histograms."""
+    return _stats_from_histograms(_channel_histograms(images))
+
+
+def _stats_from_histograms(hists: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std in [0, 1] units from value counts (C, 256) (order-free, exact)."""
     values = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+    for hist in hists:
         n = hist.sum()
         mean = (hist * values).sum() / n
         var = (hist * (values - mean) ** 2).sum() / n
@@ -426,7 +496,8 @@ def load_mnist1d(
         return InMemoryDataset(inputs, torch.from_numpy(y.astype(np.int64)), classes=tuple(map(str, range(10))))
 
     train, test = split(arrays["x"], arrays["y"]), split(arrays["x_test"], arrays["y_test"])
-    return DataSplits(train, test, 10, shape, "mnist1d", train.classes)
+    how = Preprocess(input=f"MNIST-1D sequences {shape} as the mnist1d generator makes them (already standardised)")
+    return DataSplits(train, test, 10, shape, "mnist1d", train.classes, how)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,17 +532,19 @@ def load_digits(
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, stratify=y, random_state=seed, shuffle=True
     )
+    shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
+    how = Preprocess(1.0 / 16.0, input=f"8x8 digit images {shape}, values 0..16")
     if standardize:
         mean, std = float(x_train.mean()), float(x_train.std())
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
+        how = dataclasses.replace(how, mean=(mean,), std=(std,))
     classes = tuple(map(str, range(10)))
 
     def split(xs: np.ndarray, ys: np.ndarray) -> InMemoryDataset:
         inputs = torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32)).reshape(-1, *shape)
         return InMemoryDataset(inputs, torch.from_numpy(ys), classes=classes)
 
-    return DataSplits(split(x_train, y_train), split(x_test, y_test), 10, shape, "digits", classes)
+    return DataSplits(split(x_train, y_train), split(x_test, y_test), 10, shape, "digits", classes, how)
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +687,8 @@ def _load_cifar(
         classes=classes,
     )
     test = InMemoryDataset(x_test, y_test, mean=mean, std=std, pixel_scale=scale, classes=classes)
-    return DataSplits(train, test, num_classes, (3, 32, 32), name, classes)
+    how = Preprocess(scale, mean, std, "RGB 32x32 image, channels first, values 0..255")
+    return DataSplits(train, test, num_classes, (3, 32, 32), name, classes, how)
 
 
 def load_cifar10(
@@ -691,16 +765,24 @@ def center_crop_params(width: int, height: int, size: int) -> tuple[int, int, in
     return left, top, left + size, top + size
 
 
+#: Train-time augmentations of :class:`ImageFolderDataset` (the eval transform is always resize + centre crop).
+FOLDER_AUGMENTS = ("random-resized-crop", "crop-flip", "flip", "none")
+
+
 class ImageFolderDataset(Dataset):
     """Images in ``<split_dir>/<class>/<file>.{JPEG,jpg,png}``, decoded with PIL when indexed.
 
-    ``train=True``: random-resized crop to ``image_size`` and horizontal flip; ``train=False``:
-    resize the shorter side to ``resize_size``, centre crop ``image_size``. Both give float32
-    (3, image_size, image_size) normalised with ``mean``/``std``. An item may be indexed by
-    ``(index, seed)``: the augmentation is then drawn from ``random.Random(seed)`` (this is how
-    :func:`make_loader` makes it a function of ``(seed, epoch)`` whatever the number of workers);
-    a plain ``index`` draws from torch's global RNG. Paths are held in a numpy array (not a list of
-    Python strings) so forked workers do not copy them.
+    Eval transform (``train=False``, and the base of ``augment`` ``"crop-flip"``/``"flip"``/``"none"``):
+    resize the shorter side to ``resize_size`` (bilinear), centre crop ``image_size``.  ``train=True``
+    adds ``augment``: ``"random-resized-crop"`` (ImageNet's: a random box resized to ``image_size``, then
+    a horizontal flip), ``"crop-flip"`` (CIFAR's: random crop after zero-padding by ``image_size // 8``,
+    then a flip), ``"flip"`` or ``"none"``.  The result is float32 (``channels``, image_size, image_size)
+    (``channels`` 3: RGB, 1: greyscale), ``pixels / 255`` normalised per channel with ``mean``/``std``
+    (none when ``None``).  An item may be indexed by ``(index, seed)``: the augmentation is then drawn
+    from ``random.Random(seed)`` (this is how :func:`make_loader` makes it a function of ``(seed,
+    epoch)`` whatever the number of workers); a plain ``index`` draws from torch's global RNG.  Paths
+    are held in a numpy array (not a list of Python strings) so forked workers do not copy them.
+    ``title`` names the dataset in error messages.
     """
 
     accepts_sample_seed = True
@@ -713,18 +795,30 @@ class ImageFolderDataset(Dataset):
         classes: Sequence[str] | None = None,
         image_size: int = 224,
         resize_size: int = 256,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
+        augment: str = "random-resized-crop",
+        channels: int = 3,
+        title: str = "ImageNet",
     ) -> None:
         if resize_size < image_size:
             raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size})")
+        if augment not in FOLDER_AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(FOLDER_AUGMENTS)}, got {augment!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+        if (mean is None) != (std is None) or (mean is not None and std is not None
+                                               and (len(mean) != channels or len(std) != channels)):
+            raise ValueError(f"mean and std must both be given with {channels} values each, or both be None")
         self.root = Path(split_dir)
         self.train = train
         self.image_size = image_size
         self.resize_size = resize_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.classes, paths, targets = _scan_class_folders(self.root, classes)
+        self.augment = augment
+        self.channels = channels
+        self.title = title
+        self.set_normalization(None if mean is None else tuple(mean), None if std is None else tuple(std))
+        self.classes, paths, targets = _scan_class_folders(self.root, classes, title)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self._paths = np.array(paths, dtype=np.bytes_)
         self.targets = np.array(targets, dtype=np.int64)
@@ -742,6 +836,24 @@ class ImageFolderDataset(Dataset):
         sub._paths, sub.targets = self._paths[idx], self.targets[idx]
         return sub
 
+    def set_normalization(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+        """Normalise with ``mean``/``std`` (one value per channel, ``[0, 1]`` units), or not at all (``None``)."""
+        self.normalization = None if mean is None or std is None else (tuple(map(float, mean)), tuple(map(float, std)))
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def preprocess(self) -> Preprocess:
+        """What the eval transform does, as a :class:`Preprocess` record (for checkpoints and exports)."""
+        mode = "RGB" if self.channels == 3 else "greyscale"
+        mean, std = self.normalization or (None, None)
+        return Preprocess(
+            1.0 / 255.0,
+            mean,
+            std,
+            f"{mode} image: shorter side resized to {self.resize_size} (bilinear), centre crop "
+            f"{self.image_size}x{self.image_size}, channels first, values 0..255",
+        )
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
         if isinstance(item, tuple):
             index, seed = item
@@ -751,53 +863,71 @@ class ImageFolderDataset(Dataset):
 
     def load(self, index: int, rng: random.Random | None = None) -> Tensor:
         """Decode and transform sample ``index`` (``rng`` drives the train-time augmentation)."""
+        x = self.pixels(index, rng).to(torch.float32).div_(255.0)
+        if self.mean is None or self.std is None:
+            return x
+        return (x - self.mean) / self.std
+
+    def pixels(self, index: int, rng: random.Random | None = None) -> Tensor:
+        """Sample ``index`` decoded and transformed, before normalisation: uint8 (channels, size, size)."""
         from PIL import Image
 
         path = self.path(index)
         try:
             with Image.open(path) as file:
-                img: Image.Image = file.convert("RGB")
+                img: Image.Image = file.convert("RGB" if self.channels == 3 else "L")
         except (OSError, ValueError) as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from exc
         size = self.image_size
-        if self.train:
-            rng = rng if rng is not None else random.Random()
+        augment = self.augment if self.train else "none"
+        rng = rng if rng is not None or augment == "none" else random.Random()
+        if augment == "random-resized-crop":
+            assert rng is not None
             left, top, w, h = random_resized_crop_params(img.width, img.height, rng)
             img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-            if rng.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             w, h = img.width, img.height
             short = self.resize_size
             new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
             img = img.resize(new, Image.Resampling.BILINEAR)
             img = img.crop(center_crop_params(img.width, img.height, size))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        return (x - self.mean) / self.std
+        x = torch.from_numpy(np.array(img, dtype=np.uint8))
+        x = x.permute(2, 0, 1) if x.dim() == 3 else x.unsqueeze(0)
+        if augment == "crop-flip":
+            assert rng is not None
+            pad = max(1, size // 8)
+            top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+            x = F.pad(x, (pad, pad, pad, pad))[:, top : top + size, left : left + size]
+        if augment != "none" and rng is not None and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x.contiguous()
 
 
-def _scan_class_folders(split_dir: Path, classes: Sequence[str] | None) -> tuple[tuple[str, ...], list[str], list[int]]:
+def _scan_class_folders(
+    split_dir: Path, classes: Sequence[str] | None, title: str = "ImageNet"
+) -> tuple[tuple[str, ...], list[str], list[int]]:
     """Sorted class folders of ``split_dir`` (or the given ``classes``) and their image files, relative paths."""
     if not split_dir.is_dir():
-        raise DatasetNotFoundError(f"ImageNet: expected the folder {split_dir}; {_listing(split_dir.parent)}")
+        raise DatasetNotFoundError(f"{title}: expected the folder {split_dir}; {_listing(split_dir.parent)}")
     entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
     found = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if loose and not found:
+        hint = ("reorganise the validation images into class folders, e.g. with the widely used valprep.sh script"
+                if title == "ImageNet" else "move each image into the folder of its class")
         raise DatasetError(
-            f"ImageNet: {split_dir} holds images directly ({loose[0]}, ...) but must hold one folder per class "
-            f"(<wnid>/*.JPEG); reorganise the validation images into class folders, e.g. with the widely used "
-            f"valprep.sh script"
+            f"{title}: {split_dir} holds images directly ({loose[0]}, ...) but must hold one folder per class "
+            f"(<class>/*.{{png,jpg,jpeg}}); {hint}"
         )
     if not found:
-        raise DatasetNotFoundError(f"ImageNet: expected class folders <wnid>/ in {split_dir}; {_listing(split_dir)}")
+        raise DatasetNotFoundError(f"{title}: expected class folders <class>/ in {split_dir}; {_listing(split_dir)}")
     if classes is None:
         chosen = tuple(found)
     else:
         chosen = tuple(sorted(classes))
         missing = sorted(set(chosen) - set(found))
         if missing:
-            raise DatasetNotFoundError(f"ImageNet: expected class folders {missing[:5]} in {split_dir}")
+            raise DatasetNotFoundError(f"{title}: expected class folders {missing[:5]} in {split_dir}")
     paths: list[str] = []
     targets: list[int] = []
     for label, name in enumerate(chosen):
@@ -807,10 +937,22 @@ def _scan_class_folders(split_dir: Path, classes: Sequence[str] | None) -> tuple
             if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
         )
         if not files:
-            raise DatasetError(f"ImageNet: class folder {split_dir / name} holds no images (*.JPEG, *.jpg, *.png)")
+            raise DatasetError(f"{title}: class folder {split_dir / name} holds no images (*.JPEG, *.jpg, *.png)")
         paths.extend(f"{name}/{f}" for f in files)
         targets.extend([label] * len(files))
     return chosen, paths, targets
+
+
+def _same_class_folders(train_dir: Path, test_dir: Path, train_classes: Sequence[str], title: str) -> None:
+    """``DatasetError`` unless ``test_dir`` holds exactly the class folders of the train split."""
+    test_classes = {e.name for e in os.scandir(test_dir) if e.is_dir() and not e.name.startswith(".")}
+    if test_classes and test_classes != set(train_classes):
+        only_train = sorted(set(train_classes) - test_classes)[:5]
+        only_test = sorted(test_classes - set(train_classes))[:5]
+        raise DatasetError(
+            f"{title}: {test_dir} and {train_dir} have different class folders "
+            f"(only in {train_dir.name}: {only_train}, only in {test_dir.name}: {only_test})"
+        )
 
 
 def load_imagenet(
@@ -837,18 +979,13 @@ def load_imagenet(
     train = ImageFolderDataset(
         base / "train", train=True, classes=classes, image_size=image_size, resize_size=resize_size
     )
-    val_classes = {e.name for e in os.scandir(base / "val") if e.is_dir() and not e.name.startswith(".")}
-    if classes is None and val_classes and val_classes != set(train.classes):
-        only_train = sorted(set(train.classes) - val_classes)[:5]
-        only_val = sorted(val_classes - set(train.classes))[:5]
-        raise DatasetError(
-            f"ImageNet: {base / 'val'} and {base / 'train'} have different class folders "
-            f"(only in train: {only_train}, only in val: {only_val})"
-        )
+    if classes is None:
+        _same_class_folders(base / "train", base / "val", train.classes, "ImageNet")
     val = ImageFolderDataset(
         base / "val", train=False, classes=train.classes, image_size=image_size, resize_size=resize_size
     )
-    return DataSplits(train, val, len(train.classes), (3, image_size, image_size), "imagenet", train.classes)
+    return DataSplits(train, val, len(train.classes), (3, image_size, image_size), "imagenet", train.classes,
+                      val.preprocess())
 
 
 # --------------------------------------------------------------------------------------------
@@ -861,7 +998,22 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagenet": load_imagenet,
+    # "folder", "array" and "custom" (data given in Python) are added by pruning.userdata (end of this module)
 }
+
+#: Range rules of the datasets' options: ``{dataset: {option: (accepts(value), "what it must be")}}``, checked
+#: by :mod:`pruning.config` after the option's type (read off the loader's signature, :func:`dataset_options`).
+OPTION_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "mnist1d": {"seed": (lambda v: v >= 0, "must be >= 0")},
+    "digits": {"seed": (lambda v: v >= 0, "must be >= 0"),
+               "test_fraction": (lambda v: 0.0 < v < 1.0, "must lie in (0, 1)")},
+    "cifar100": {"label_mode": (lambda v: v in ("fine", "coarse"), "must be 'fine' or 'coarse'")},
+    "imagenet": {"image_size": (lambda v: v >= 1, "must be >= 1"), "resize_size": (lambda v: v >= 1, "must be >= 1")},
+}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
 
 
 def dataset_options(name: str) -> dict[str, Any] | None:
@@ -869,12 +1021,30 @@ def dataset_options(name: str) -> dict[str, Any] | None:
 
     Read off the loader's signature (its keyword-only parameters); ``None`` when it takes any keyword.
     """
-    fn = DATASETS[name.lower().replace("-", "").replace("_", "")]
+    fn = DATASETS[_key(name)]
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     hints = typing.get_type_hints(fn)
     return {p.name: hints.get(p.name, Any) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def dataset_option_errors(name: str, options: dict[str, Any]) -> list[str]:
+    """``"data.options.<key>: ..."`` for each option value outside its dataset's range (:data:`OPTION_RULES`).
+
+    Values of the wrong type are left to the type check (they are skipped here).
+    """
+    errors = []
+    for key, (accepts, what) in OPTION_RULES.get(_key(name), {}).items():
+        if key not in options:
+            continue
+        try:
+            ok = bool(accepts(options[key]))
+        except TypeError:
+            continue
+        if not ok:
+            errors.append(f"data.options.{key}: {what}, got {options[key]!r}")
+    return errors
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **options: Any) -> DataSplits:
@@ -883,7 +1053,7 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **option
     ``options`` are the keyword arguments of the matching ``load_*`` function (an unknown option
     raises ``TypeError``).
     """
-    key = name.lower().replace("-", "").replace("_", "")
+    key = _key(name)
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     return DATASETS[key](root, **options)
@@ -1121,3 +1291,10 @@ def make_loader(
     if isinstance(dataset, InMemoryDataset):
         return InMemoryLoader(dataset, batch_size, device=device, **common)
     return WorkerLoader(dataset, batch_size, num_workers=num_workers, device=device, **common)
+
+
+# the datasets of your own data (image folders, .npz arrays, torch Datasets given in Python) live in their own module
+from .userdata import USER_DATASETS, USER_OPTION_RULES  # noqa: E402
+
+DATASETS.update(USER_DATASETS)
+OPTION_RULES.update(USER_OPTION_RULES)

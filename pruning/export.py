@@ -18,9 +18,11 @@ adjacent weights:
 
 The result equals the mean-field model (eval mode, every ``ξ`` replaced by
 ``θ``) up to float rounding (tested).  :func:`save_export` writes its state
-dict, its spec and a ``torch.export`` program — and, on request, an ONNX
-graph (:func:`save_onnx`, when the ``onnx`` extra is installed) — each
-atomically.
+dict, its spec, a ``torch.export`` program and ``metadata.json`` — input shape,
+class names and the preprocessing of the inputs (mean/std), so a deployed
+network needs nothing else (:func:`load_export`, :func:`load_metadata`) — and,
+on request, an ONNX graph (:func:`save_onnx`, when the ``onnx`` extra is
+installed), each atomically.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,7 +44,97 @@ from torch import Tensor, nn
 from theory.atomic import atomic_path, atomic_write_text
 from theory.spec import NetworkSpec
 
+from .data import Preprocess
 from .models import GatedNetwork, ResidualBlock, WeightLayer
+
+METADATA = "metadata.json"
+METADATA_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What a deployed network needs besides its weights: the input it takes and the classes it outputs.
+
+    ``preprocess`` turns raw inputs into the network's inputs (:meth:`prepare`; ``None``: not recorded —
+    the network was exported without its data); ``classes[i]`` names output ``i``.
+
+    >>> program, meta = load_export("runs/x/export")                              # doctest: +SKIP
+    >>> logits = program(meta.prepare(raw_batch))                                 # doctest: +SKIP
+    >>> [meta.classes[i] for i in logits.argmax(1)]                               # doctest: +SKIP
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    classes: tuple[str, ...] = ()
+    preprocess: Preprocess | None = None
+    dataset: str = ""
+
+    def prepare(self, raw: Tensor) -> Tensor:
+        """A batch of raw inputs (B, *input_shape) -> the network's float32 inputs."""
+        x = torch.as_tensor(raw)
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected a batch of inputs shaped (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        return x.to(torch.float32) if self.preprocess is None else self.preprocess.apply(x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": METADATA_FORMAT, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                "classes": list(self.classes), "dataset": self.dataset,
+                "preprocess": None if self.preprocess is None else self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, record: Any, source: str = "metadata") -> ExportMetadata:
+        """Parse a ``metadata.json`` record; ``ValueError`` naming ``source`` and the bad field."""
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        try:
+            shape = tuple(int(n) for n in record["input_shape"])
+            k = int(record["num_classes"])
+            classes = tuple(str(c) for c in record.get("classes") or ())
+            pre = record.get("preprocess")
+            preprocess = None if pre is None else Preprocess.from_dict(pre)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: malformed export metadata ({type(exc).__name__}: {exc})") from None
+        if classes and len(classes) != k:
+            raise ValueError(f"{source}: {len(classes)} class names for num_classes = {k}")
+        return cls(shape, k, classes, preprocess, str(record.get("dataset", "")))
+
+
+def export_metadata(module: nn.Module, data: dict[str, Any] | None = None) -> ExportMetadata:
+    """The metadata of an exported ``module`` (its ``input_shape``/``num_classes``) with the data record of a
+    checkpoint (:func:`pruning.build.data_record`: class names, preprocessing), when there is one."""
+    shape = getattr(module, "input_shape", None)
+    k = getattr(module, "num_classes", None)
+    if shape is None or k is None:
+        raise ValueError("export metadata needs a module with input_shape and num_classes (a gated network's export)")
+    data = data or {}
+    classes = tuple(str(c) for c in data.get("classes") or ())
+    pre = data.get("preprocess")
+    return ExportMetadata(tuple(int(n) for n in shape), int(k), classes if len(classes) == int(k) else (),
+                          None if pre is None else Preprocess.from_dict(pre), str(data.get("name", "")))
+
+
+def load_metadata(export_dir: str | os.PathLike[str]) -> ExportMetadata:
+    """The :class:`ExportMetadata` of an export folder (its ``metadata.json``); errors name the file."""
+    path = Path(export_dir) / METADATA
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no export metadata (exports written before it existed have none; "
+                                f"export the run again: python -m pruning export --run RUN)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable export metadata ({exc})") from None
+    return ExportMetadata.from_dict(record, str(path))
+
+
+def load_export(export_dir: str | os.PathLike[str]) -> tuple[nn.Module, ExportMetadata]:
+    """The exported network (the ``torch.export`` program ``model.pt2`` as a module) and its metadata.
+
+    >>> net, meta = load_export("runs/x/export")                                  # doctest: +SKIP
+    >>> net(meta.prepare(raw)).argmax(1)                                          # doctest: +SKIP
+    """
+    program = torch.export.load(Path(export_dir) / "model.pt2").module()
+    return program, load_metadata(export_dir)
 
 
 class ChannelScale(nn.Module):
@@ -138,11 +231,14 @@ def export_deterministic(model: GatedNetwork, *, eps: float | None = None) -> De
 
 
 def save_export(
-    module: nn.Module, path_dir: str | os.PathLike[str], example_input: Tensor | None = None, *, onnx: bool = False
+    module: nn.Module, path_dir: str | os.PathLike[str], example_input: Tensor | None = None, *, onnx: bool = False,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``state_dict.pt``, ``model.pt2`` (a ``torch.export`` program, dynamic batch size) and
+    """Write ``state_dict.pt``, ``model.pt2`` (a ``torch.export`` program, dynamic batch size),
     ``spec.json`` (when the module has ``spec()``; :meth:`theory.NetworkSpec.to_dict`, readable with
-    :func:`theory.spec.load_spec`) into ``path_dir``, each atomically (temp file + ``os.replace``);
+    :func:`theory.spec.load_spec`) and ``metadata.json`` (when it has ``input_shape`` and ``num_classes``:
+    :class:`ExportMetadata`, with class names and preprocessing from ``data``, a checkpoint's data
+    record) into ``path_dir``, each atomically (temp file + ``os.replace``);
     with ``onnx`` also ``model.onnx`` (:func:`save_onnx`; skipped with a notice when the ``onnx``
     extra is missing).  ``example_input`` defaults to zeros of shape ``(2, *module.input_shape)``.
     Load the program with ``torch.export.load(path).module()``.  Returns the written paths.
@@ -176,6 +272,9 @@ def save_export(
     if callable(spec_fn):
         paths["spec"] = out_dir / "spec.json"
         atomic_write_text(paths["spec"], json.dumps(spec_fn().to_dict(), indent=1))
+    if hasattr(module, "input_shape") and hasattr(module, "num_classes"):
+        paths["metadata"] = out_dir / METADATA
+        atomic_write_text(paths["metadata"], json.dumps(export_metadata(module, data).to_dict(), indent=1))
     if onnx:
         written = save_onnx(program, out_dir / "model.onnx", example_input)
         if written is not None:
@@ -230,9 +329,14 @@ def save_onnx(
 
 
 __all__ = [
+    "METADATA",
     "ChannelScale",
     "DeterministicNetwork",
+    "ExportMetadata",
     "export_deterministic",
+    "export_metadata",
+    "load_export",
+    "load_metadata",
     "onnx_available",
     "save_export",
     "save_onnx",

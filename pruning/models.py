@@ -72,6 +72,14 @@ from .gates import (
 from .syncbn import batch_norm as _batch_norm  # BN with a given affine pair (synchronised when train.sync_bn)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+#: Constructor arguments of each activation: ReLU works in place (every activation here gets a fresh tensor: a
+#: convolution, BatchNorm or block-sum output; :meth:`ResidualBlock.forward` guards the one exception).
+ACTIVATION_KWARGS: dict[str, dict[str, Any]] = {"relu": {"inplace": True}, "tanh": {}}
+
+
+def _out_of_place(act: nn.Module) -> nn.Module:
+    """``act`` without writing into its input (an in-place ReLU becomes a plain one)."""
+    return nn.ReLU() if isinstance(act, nn.ReLU) and act.inplace else act
 ARCHS = ("residual_mlp", "resnet1d", "resnet20", "resnet56", "resnet110", "resnet50", "resnet18", "resnet34",
          "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2", "wrn")
 #: Depth of each ImageNet-family arch of :data:`ARCHS` (``theory.architectures.resnet_imagenet``) and its ``widen``.
@@ -304,11 +312,17 @@ class ResidualBlock(nn.Module):
         return x if gate_B is None else gate_B(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.shortcut(x)
         if self.path is not None:
-            z = z + self.branch(x)
+            z = self.branch(x)  # a fresh tensor: the sum and ReLU write into it (as torchvision's blocks do)
+            s = self.shortcut(x)
+            if s.dtype == z.dtype and s.shape == z.shape:
+                z += s  # the same value as s + z (IEEE addition commutes)
+            else:
+                z = s + z
+        else:
+            z = self.shortcut(x)  # possibly x itself: no in-place activation on it
         if self.out_act is not None:
-            z = self.out_act(z)
+            z = self.out_act(z) if z is not x else _out_of_place(self.out_act)(z)
         if self.out_gate is not None:
             z = self.out_gate(z)
         return z
@@ -444,6 +458,34 @@ class GatedNetwork(nn.Module):
             meta=self.meta,
         )
 
+    # -- per-structure lists, cached between structure changes -------------------------------------
+    def _cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per structure: kept until any module anywhere registers a parameter,
+        buffer or submodule (compaction, export, conversion, ``load_state_dict(assign=True)`` all do;
+        see :data:`_GENERATION`) or :meth:`structure_changed` is called."""
+        cache = self.__dict__.get("_structure_cache")
+        if cache is None or cache[0] != _GENERATION[0]:
+            cache = (_GENERATION[0], {})
+            self.__dict__["_structure_cache"] = cache  # a plain attribute (hot path, not a module state)
+        value = cache[1].get(key)
+        if value is None:
+            value = cache[1][key] = build()
+        return value
+
+    def structure_changed(self) -> None:
+        """Drop the cached per-structure lists (:meth:`gates`, :meth:`weight_parameters`, ...).
+
+        Not needed after the library's own changes (they register new parameters or submodules, which
+        invalidates every cache); call it after editing ``_parameters``/``_modules`` dictionaries directly.
+        """
+        self.__dict__.pop("_structure_cache", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_structure_cache", None)  # copies and pickles rebuild their own
+        return state
+
     def _gate_table(self) -> list[tuple[BlockGate | None, tuple[UnitGate | None, ...], UnitGate | None]]:
         """Per block: the block gate (alive blocks only), the ``M`` inner layers' unit gates, the output gate.
 
@@ -451,6 +493,9 @@ class GatedNetwork(nn.Module):
         ``nn.Module.__getattr__``): :meth:`gates`, :meth:`block_gates` and friends run several
         times per training step.
         """
+        return cast(list[Any], self._cached("gate_table", self._build_gate_table))
+
+    def _build_gate_table(self) -> list[tuple[BlockGate | None, tuple[UnitGate | None, ...], UnitGate | None]]:
         out: list[Any] = []
         for block in self.blocks._modules.values():
             path = _submodule(block, "path")
@@ -469,7 +514,11 @@ class GatedNetwork(nn.Module):
         ``theta_B``: the 0-d block-gate θ, ``None`` in unit/none mode or for a pruned block;
         ``theta_1``: one θ vector per inner gated layer, ``None`` in layer/none mode or for a pruned
         block; ``theta_2``: the output-gate θ of a residual MLP block with ``out_gated``, else ``None``.
+        (Built once per structure; a new list each call.)
         """
+        return list(self._cached("block_gates", self._build_block_gates))
+
+    def _build_block_gates(self) -> list[BlockGates]:
         out = []
         for gate_B, units, out_gate in self._gate_table():
             theta_1 = None
@@ -480,7 +529,10 @@ class GatedNetwork(nn.Module):
         return out
 
     def gates(self) -> list[Gate]:
-        """Every gate module, block by block: ``ξ_B``, the ``ξ_1`` vectors, ``ξ_2``."""
+        """Every gate module, block by block: ``ξ_B``, the ``ξ_1`` vectors, ``ξ_2`` (a new list each call)."""
+        return list(self._cached("gates", self._build_gates))
+
+    def _build_gates(self) -> list[Gate]:
         out: list[Gate] = []
         for gate_B, units, out_gate in self._gate_table():
             if gate_B is not None:
@@ -496,6 +548,9 @@ class GatedNetwork(nn.Module):
         The shared draw of :meth:`forward` follows it, so its samples are those that one draw per
         gate in forward order would give (one uniform number per gate, in sequence).
         """
+        return list(self._cached("sampling_order", self._build_sampling_order))
+
+    def _build_sampling_order(self) -> list[Gate]:
         out: list[Gate] = []
         for gate_B, units, out_gate in self._gate_table():
             out.extend(g for g in units if g is not None)
@@ -506,11 +561,14 @@ class GatedNetwork(nn.Module):
         return out
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The θ parameters (one per gate module), in :meth:`gates` order."""
-        return [_theta(g) for g in self.gates()]
+        """The θ parameters (one per gate module), in :meth:`gates` order (a new list each call)."""
+        return list(self._cached("gate_parameters", lambda: [_theta(g) for g in self._build_gates()]))
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        """Every other parameter (weights, biases, BN affine pairs), in module order."""
+        """Every other parameter (weights, biases, BN affine pairs), in module order (a new list each call)."""
+        return list(self._cached("weight_parameters", self._build_weight_parameters))
+
+    def _build_weight_parameters(self) -> list[nn.Parameter]:
         gate_ids = {id(p) for p in self.gate_parameters()}
         return [p for p in self.parameters() if id(p) not in gate_ids]
 
@@ -597,6 +655,21 @@ class GatedNetwork(nn.Module):
         return {g.theta: raw[g].reshape(g.theta.shape).to(g.theta) for g in gates}
 
 
+#: Structure generation: bumped whenever any module registers a parameter, a buffer or a submodule
+#: (torch's global registration hooks: ``module.x = nn.Parameter(...)``, ``block.path = None``,
+#: ``add_module``, ...).  :meth:`GatedNetwork._cached` lists stay valid while it is unchanged.
+_GENERATION = [0]
+
+
+def _bump_generation(*_: Any) -> None:
+    _GENERATION[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
+nn.modules.module.register_module_module_registration_hook(_bump_generation)
+nn.modules.module.register_module_buffer_registration_hook(_bump_generation)
+
+
 def _submodule(module: Any, name: str) -> Any:
     """``getattr(module, name)`` for a submodule slot (a module or ``None``), without ``nn.Module.__getattr__``."""
     d = module.__dict__
@@ -664,7 +737,10 @@ def from_spec(
     (True, 18)
     """
     check_choice("activation", activation, tuple(ACTIVATIONS))
-    act = ACTIVATIONS[activation]
+    act_cls, act_kwargs = ACTIVATIONS[activation], ACTIVATION_KWARGS[activation]
+
+    def act() -> nn.Module:
+        return act_cls(**act_kwargs)
 
     def weight_layer(layer: Layer, gate: UnitGate | None = None) -> WeightLayer:
         return WeightLayer(

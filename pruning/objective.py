@@ -159,13 +159,38 @@ class Objective:
             return torch.zeros((), device=dev)
         return 0.5 * self.weight_decay * _SquaredNorm.apply(*params)
 
+    def add_weight_grad(self, weights: Iterable[torch.Tensor]) -> None:
+        """``∇W += (λ/N) W``: the gradient of :meth:`weight_term`, added in place to every ``.grad``.
+
+        One ``foreach`` kernel over all weights (what autograd through :meth:`weight_term` adds, without a
+        product and a sum per tensor); for callers of ``J(..., weight_grad=False)``.
+        """
+        if self.weight_decay == 0.0:
+            return
+        params = [p for p in weights]
+        with torch.no_grad():
+            missing = [p for p in params if p.grad is None]
+            for p in missing:  # a weight the loss did not reach: its gradient is the decay alone
+                p.grad = torch.zeros_like(p)
+            torch._foreach_add_([p.grad for p in params], params, alpha=self.weight_decay)
+
     def __call__(
-        self, model: Any, output: torch.Tensor, target: torch.Tensor, *, spec: NetworkSpec | None = None
+        self, model: Any, output: torch.Tensor, target: torch.Tensor, *, spec: NetworkSpec | None = None,
+        weight_grad: bool = True,
     ) -> ObjectiveTerms:
-        """``J`` for one mini-batch whose network ``output`` came from one forward pass (one gate sample)."""
+        """``J`` for one mini-batch whose network ``output`` came from one forward pass (one gate sample).
+
+        ``weight_grad=False``: the weight term enters ``J``'s value but not its graph; the caller adds its
+        gradient after the backward pass with :meth:`add_weight_grad` (:func:`pruning.step.algorithm1_step`
+        does: the same gradient, one ``foreach`` kernel instead of autograd through every weight tensor).
+        """
         data = self.loss(_at_least_float32(output), target)
         comp = self.complexity(model, spec) / self.N
-        weight = self.weight_term(model.weight_parameters())
+        if weight_grad:
+            weight = self.weight_term(model.weight_parameters())
+        else:
+            with torch.no_grad():
+                weight = self.weight_term(model.weight_parameters())
         return ObjectiveTerms(total=data + comp + weight, data=data, complexity=comp, weight=weight)
 
 

@@ -18,6 +18,8 @@ from theory.atomic import atomic_write_text
 from theory.complexity import ComplexityModel
 from theory.spec import NetworkSpec
 
+from .timing import markdown_lines
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -47,13 +49,17 @@ def build_report(
     audit: dict[str, Any] | None = None,
     processes: int = 1,
     samples: int | None = None,
+    timing: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report of a run as a JSON-serialisable dict (``audit``: :meth:`pruning.audit.PruningAudit.summary`)."""
+    """The report of a run as a JSON-serialisable dict (``audit``: :meth:`pruning.audit.PruningAudit.summary`;
+    ``timing``, ``inference``: :meth:`pruning.timing.RunTimer.summary`, :func:`pruning.timing.inference_speedup`)."""
     base = ComplexityModel(baseline_spec, elementwise=False)
     final = ComplexityModel(spec, elementwise=False)
     F_tot, P_tot = float(base.flops()), float(base.params())
     F, P = float(final.flops()), float(final.params())
     last = log[-1] if log else {}
+    executed = last["cum_train_flops_dense"] / last["cum_baseline_flops"] if last.get("cum_baseline_flops") else None
     return {
         "run": out_dir,
         "device": device,
@@ -75,10 +81,14 @@ def build_report(
         "baseline_blocks": len(baseline_spec.blocks),
         "units_left": units_per_layer(spec, baseline_spec),
         "training_cost_ratio": last.get("train_cost_ratio"),
-        "training_cost_ratio_dense": (
-            last["cum_train_flops_dense"] / last["cum_baseline_flops"]
-            if last.get("cum_baseline_flops") else None
-        ),
+        "training_cost_ratio_dense": executed,
+        # which number is which (pruning.timing): FLOPs counted vs seconds measured on this device
+        "expected_flops_cost_ratio": last.get("train_cost_ratio"),
+        "executed_flops_ratio": executed,
+        "measured_train_time_ratio": timing.get("measured_train_time_ratio") if timing else None,
+        "inference_speedup_measured": inference.get("speedup") if inference else None,
+        "timing": timing,
+        "inference": inference,
         "cum_train_flops": last.get("cum_train_flops"),
         "cum_baseline_flops": last.get("cum_baseline_flops"),
         "prune_events": len(events),
@@ -91,6 +101,10 @@ def build_report(
 
 def _pct(x: Any) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
+
+
+def _ratio(x: Any, fmt: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
 def _num(x: float) -> str:
@@ -119,8 +133,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"| parameters | {_num(report['params'])} of {_num(report['baseline_params'])} |",
         f"| layers left | {report['layers_left']} of {report['baseline_layers']} |",
         f"| blocks alive | {report['blocks_alive']} of {report['baseline_blocks']} |",
-        f"| training cost / baseline (Σ E[F]) | "
-        f"{'–' if report['training_cost_ratio'] is None else format(report['training_cost_ratio'], '.3f')} |",
+        f"| expected-FLOPs cost ratio (Σ E[F] / baseline) | {_ratio(report['training_cost_ratio'])} |",
+        f"| executed-FLOPs ratio (Σ F of the network that ran / baseline) | "
+        f"{_ratio(report.get('training_cost_ratio_dense'))} |",
+        f"| measured training-time ratio (wall clock) | {_ratio(report.get('measured_train_time_ratio'))} |",
+        f"| inference speed-up (measured) | {_ratio(report.get('inference_speedup_measured'), '.2f')} |",
         f"| pruning events | {report['prune_events']} |",
         *([f"| training samples (all processes) | {report['samples']} |"] if report.get("samples") else []),
         f"| wall clock (training) | {report['wall_clock_s']:.1f} s |",
@@ -133,6 +150,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     for r in report["units_left"]:
         left = r["left"] if r["block_alive"] else "pruned"
         lines.append(f"| {r['block']} | {r['layer']} | {r['baseline']} | {left} |")
+    time_lines = markdown_lines(report.get("timing"), report.get("inference"))
+    if time_lines:
+        lines += ["", *time_lines[:-1]]
     if report.get("audit"):
         lines += ["", "## Pruning audit", "", *audit_lines(report["audit"], markdown=True)]
     if report["exports"]:

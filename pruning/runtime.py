@@ -28,6 +28,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_channels_last(setting: bool | str, device: torch.device, spec: Any) -> bool:
+    """``train.channels_last``: ``True``/``False`` as given; ``"auto"`` by this rule.
+
+    On the CPU, ``True`` when the network (``spec``, a :class:`theory.NetworkSpec`) has 2-D
+    convolutions and no strided 1×1 convolution: there the channels-last layout measured faster for
+    dense and compacted networks alike (``benchmarks/bench_channels_last.py``: ResNet-20 at 32×32,
+    training steps, one thread).  ``False`` otherwise: 1-D convolutions and linear layers have no
+    channels-last layout; on CUDA it has not been measured here (set ``true`` to use it there); and
+    with torch 2.13 on the CPU the backward pass of a channels-last 1×1 convolution with stride 2
+    corrupts the heap for some input widths (5 and 6 channels crash, 8, 12 and 16 do not), which
+    compaction can produce in any projection shortcut (ResNet-18/50 layouts, spec files).
+    """
+    if setting == "auto":
+        layers = _layers(spec)
+        return (torch.device(device).type == "cpu" and any(layer.kind == "conv2d" for layer in layers)
+                and not any(layer.kind == "conv2d" and layer.kernel == 1 and layer.stride > 1 for layer in layers))
+    return bool(setting)
+
+
+def _layers(spec: Any) -> list[Any]:
+    """Every weight layer of a :class:`theory.NetworkSpec` (stem, paths, shortcuts, head)."""
+    layers = list(spec.stem) + list(spec.head)
+    for b in spec.blocks:
+        layers += list(b.path) + ([b.shortcut_layer] if b.shortcut_layer is not None else [])
+    return layers
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global RNG is what third-party code uses

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from theory.projection import project
+from theory.projection import project_
 
 from .guard import FiniteGuard
 from .models import GatedNetwork
@@ -65,7 +65,7 @@ def algorithm1_step(
     dev = x.device
     with autocast_ctx(dev, amp):
         out = (model if forward is None else forward)(x)
-    terms = objective(model, out, y, spec=spec)
+    terms = objective(model, out, y, spec=spec, weight_grad=False)  # ∇ of (λ/N)/2 ||W||²: after backward
     if guard is not None:
         guard.check(terms)  # this J and the previous update: one host read
     elif not bool(torch.isfinite(terms.total.detach())):
@@ -74,6 +74,7 @@ def algorithm1_step(
     if opt_t is not None:
         opt_t.zero_grad(set_to_none=True)
     terms.total.backward()
+    objective.add_weight_grad(model.weight_parameters())  # (λ/N) W, one foreach kernel (same gradient as autograd)
     if opt_t is not None and model.estimator == "exact-difference":
         with autocast_ctx(dev, amp):
             est = model.exact_gate_grads(objective.loss, x, y)
@@ -88,8 +89,7 @@ def algorithm1_step(
     if opt_t is not None:
         opt_t.step()
         with torch.no_grad():
-            for q in model.gate_parameters():
-                q.copy_(project(q))  # Π_H, eq. [15]
+            project_(model.gate_parameters())  # Π_H, eq. [15]: one foreach clip over every θ
     if guard is not None:
         guard.arm(model, where)
     return terms, out

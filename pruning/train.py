@@ -67,7 +67,15 @@ import torch
 from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
-from .build import build_network, check_fits, check_network_fits, latency_costs, load_data
+from .build import (
+    build_network,
+    check_fits,
+    check_network_fits,
+    config_for_data,
+    data_record,
+    latency_costs,
+    load_data,
+)
 from .checkpoint import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
@@ -82,7 +90,7 @@ from .checkpoint import (
     structure_of,
 )
 from .config import RunConfig, from_dict, to_toml
-from .data import make_loader
+from .data import DataSplits, make_loader
 from .distributed import (
     DistContext,
     PeerLost,
@@ -105,8 +113,18 @@ from .objective import CostMeter, Objective
 from .optim import lr_at, make_optimizers
 from .rundir import CONFIG_ECHO, RunDirError, RunSession
 from .runlog import RunLog
-from .runtime import capture_rng, gate_seed, resolve_device, restore_rng, seed_everything, to_device
+from .runtime import (
+    capture_rng,
+    gate_seed,
+    resolve_channels_last,
+    resolve_device,
+    restore_rng,
+    seed_everything,
+    to_device,
+)
 from .step import NonFiniteObjective, algorithm1_step
+from .timing import RunTimer, inference_speedup
+from .userdata import from_datasets
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,6 +186,11 @@ class Trainer:
     the data's, and the run records ``model.arch = "custom"`` with the network's spec in every
     checkpoint, so ``load_run``, ``evaluate``, ``export`` and ``resume`` rebuild it from there.
 
+    The data are ``cfg.data``'s — or given: ``data`` (a :class:`~pruning.data.DataSplits`, e.g. from
+    :func:`pruning.userdata.from_datasets`, or a pair ``(train, test)`` of torch Datasets) is trained on
+    with the same loaders (order a function of ``(seed, epoch)``, sharded over processes); the run records
+    ``data.name = "custom"`` with the data's shape, classes and preprocessing, and a resume passes them again.
+
     ``dist``: this process's place in a data-parallel run (default: joined from the ``torchrun``
     environment; one process without it).
 
@@ -180,12 +203,15 @@ class Trainer:
 
     def __init__(
         self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: GatedNetwork | None = None,
-        dist: DistContext | None = None,
+        dist: DistContext | None = None, data: DataSplits | tuple[Any, Any] | None = None,
     ) -> None:
         if model is not None:
             if resume:
                 raise ValueError("resume rebuilds the network from its checkpoint; do not pass model= as well")
             cfg = _config_for_model(cfg, model)
+        if data is not None:
+            data = data if isinstance(data, DataSplits) else from_datasets(*data)
+            cfg = config_for_data(cfg)
         self.cfg = cfg
         self.out = Path(out_dir)
         t = cfg.train
@@ -202,7 +228,7 @@ class Trainer:
             ckpt = load_checkpoint(self.out / CHECKPOINT)  # CheckpointError: missing, damaged or foreign
             check_resume_config(from_dict(ckpt["config"]), cfg)
         seed_everything(t.seed)
-        self.data = load_data(cfg)
+        self.data = load_data(cfg, data)
         self.N = len(self.data.train)
         if ckpt is not None:
             try:
@@ -232,7 +258,8 @@ class Trainer:
         if ckpt is not None:
             restore_model(self.model, ckpt, t.eps, self.out)
         self.model.to(self.device)
-        if t.channels_last:
+        self.channels_last = resolve_channels_last(t.channels_last, self.device, self.model.spec())
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if t.sync_bn and self.dist.active:
             from .syncbn import convert
@@ -265,6 +292,7 @@ class Trainer:
         #: what a training step runs forward through: the network, or its DDP wrapper (rebuilt after compaction)
         self.forward: torch.nn.Module = wrap_ddp(self.model, self.dist, self.device)
         self._gate_rng = torch.Generator(device=self.device)
+        self.timer = RunTimer(self, None if ckpt is None else ckpt.get("timing"))  # measured step times
         self.stops = StopSignals()
         self._epoch_sums, self._epoch_cum = self._restore_epoch_sums()
         self._epoch_t0 = time.perf_counter() - self.progress.epoch_time_s
@@ -319,11 +347,12 @@ class Trainer:
                 "epoch_cum_flops": float(self._epoch_cum) if inside else 0.0,
                 "epoch_time_s": time.perf_counter() - self._epoch_t0 if inside else 0.0,
             },
+            "timing": self.timer.state(),  # measured step times (pruning.timing): differ between runs
             "rng": capture_rng(),
             "audit": self.audit.state_dict(),
             "loader": {"next_epoch": p.epoch, "seed": self.cfg.train.seed, "batch": p.batch,
                        "world_size": self.dist.world_size},
-            "data": {"num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape), "N": self.N},
+            "data": data_record(self.data),
             "network": network_record(self.baseline_spec, self.model),
         }
 
@@ -373,11 +402,12 @@ class Trainer:
         if rec is None:
             return False
         self.progress.events.append(rec)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.spec = self.model.spec()
         self._det_flops = self.meter.deterministic(self.spec)[0]
         self.forward = wrap_ddp(self.model, self.dist, self.device, previous=self.forward)  # new parameters
+        self.timer.structure_changed(step)
         if self.cfg.train.sync_check_every:
             self._sync_check("prune")
         return True
@@ -433,7 +463,8 @@ class Trainer:
             bar.update(start)
         try:
             for i, (x, y) in enumerate(self.loader.iter_epoch(epoch, start), start=start):
-                x, y = to_device(x, y, dev, t.channels_last)
+                x, y = to_device(x, y, dev, self.channels_last)
+                self.timer.before_step(x, y)
                 lr = lr_at(cfg, p.global_step, spe)
                 for g in self.opt_w.param_groups:
                     g["lr"] = lr
@@ -467,6 +498,7 @@ class Trainer:
                     ])
                 p.global_step += 1
                 p.batch = i + 1
+                self.timer.after_step(x, y)
                 if p.global_step % t.prune_every == 0:
                     self.guard.settle()  # nothing non-finite is pruned
                     self._prune(epoch + 1)
@@ -541,7 +573,7 @@ class Trainer:
         """Mean-field test loss and accuracy; sharded over the processes (rank 0's BatchNorm statistics)."""
         t = self.cfg.train
         sync_buffers(model, self.dist)
-        return evaluate(model, self.test_loader, self.device, amp_bf16=t.amp_bf16, channels_last=t.channels_last,
+        return evaluate(model, self.test_loader, self.device, amp_bf16=t.amp_bf16, channels_last=self.channels_last,
                         all_reduce=self.dist.all_reduce_sum if self.dist.active else None)
 
     # -- the run --------------------------------------------------------------------------------
@@ -609,7 +641,8 @@ class Trainer:
         writer = self.dist.is_writer
         exports: dict[str, str] = {}
         if self.cfg.export.enabled and writer:
-            exports = export_run(self.model, self.out / self.cfg.export.dir, onnx=self.cfg.export.onnx)
+            exports = export_run(self.model, self.out / self.cfg.export.dir, onnx=self.cfg.export.onnx,
+                                 data=data_record(self.data))
         audit = self.audit.summary(self.model)
         if self.cfg.train.audit:
             audit["end_of_run_prune"] = end_of_run_prune(self.model, self.cfg.train.eps, self.evaluate,
@@ -628,6 +661,8 @@ class Trainer:
             audit=audit,
             processes=self.dist.world_size,
             samples=self.progress.samples,
+            timing=self.timer.summary(self.progress.train_time_s),
+            inference=inference_speedup(self, self.cfg.train.timing_steps),
         )
         if writer:
             write_report(self.out, report)
@@ -647,8 +682,13 @@ def _config_for_model(cfg: RunConfig, model: GatedNetwork) -> RunConfig:
     return replace(cfg, model=replace(m, arch="custom", kwargs={}, spec=""))
 
 
-def export_run(model: GatedNetwork, out_dir: Path, *, onnx: bool = False) -> dict[str, str]:
+def export_run(
+    model: GatedNetwork, out_dir: Path, *, onnx: bool = False, data: dict[str, Any] | None = None
+) -> dict[str, str]:
     """``export_deterministic`` + ``save_export`` (``onnx``: also ``model.onnx``); the written paths by kind.
+
+    ``data``: the checkpoint's data record (:func:`pruning.build.data_record`): classes and preprocessing
+    for the export's ``metadata.json``.
 
     >>> paths = export_run(model, Path("runs/x/export"))                         # doctest: +SKIP
     >>> torch.export.load(paths["program"]).module()(x)                          # doctest: +SKIP
@@ -656,7 +696,7 @@ def export_run(model: GatedNetwork, out_dir: Path, *, onnx: bool = False) -> dic
     from .export import export_deterministic, save_export
 
     require_finite(model, "an export")
-    written = save_export(export_deterministic(model), out_dir, onnx=onnx)
+    written = save_export(export_deterministic(model), out_dir, onnx=onnx, data=data)
     return {str(k): str(v) for k, v in written.items()}
 
 
@@ -728,10 +768,12 @@ def shared_session(
 def train(
     cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
     model: GatedNetwork | None = None, argv: list[str] | None = None, dist: DistContext | None = None,
+    data: DataSplits | tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or start over) a training run to the end in its locked folder; returns the report.
 
-    ``model``: train this network instead of building ``cfg.model`` (see :class:`Trainer`).  The folder
+    ``model``: train this network instead of building ``cfg.model``; ``data``: train on these data
+    (:func:`pruning.userdata.from_datasets`) instead of ``cfg.data`` (see :class:`Trainer`).  The folder
     rules of :class:`pruning.rundir.RunSession` apply (:class:`pruning.rundir.RunDirError`); only the
     writing process (rank 0) holds the folder.  Under ``torchrun`` every process calls this; the
     process group is joined here unless ``dist`` is given, and closed again.  ``argv``: the command
@@ -745,7 +787,7 @@ def train(
         dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         with shared_session(out_dir, dist, resume=resume, overwrite=overwrite, argv=argv) as session:
-            trainer = Trainer(cfg, out_dir, resume=resume, model=model, dist=dist)
+            trainer = Trainer(cfg, out_dir, resume=resume, model=model, dist=dist, data=data)
             session.start(device=trainer.device, export_dirs=[cfg.export.dir])
             report = trainer.fit()
     finally:

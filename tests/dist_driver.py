@@ -141,6 +141,24 @@ def scenarios(root: Path) -> None:
     tr.algorithm1_step = original  # type: ignore[assignment]
     _write(root, "stop", r, stopped)
 
+    # a NaN input batch on process 1 only: both processes stop at the same step, the last checkpoint intact
+    def nan_on_rank1(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if r == 1 and calls[0] == 6:
+            args = (*args[:2], args[2] * float("nan"), *args[3:])
+        return original(*args, **kwargs)
+
+    calls = [0]
+    tr.algorithm1_step = nan_on_rank1  # type: ignore[assignment]
+    trainer = tr.Trainer(load_config(None, COMBINED), root / "nan", dist=ctx)
+    try:
+        trainer.fit()
+        diverged: dict[str, Any] = {"diverged": False}
+    except tr.TrainingDiverged as exc:
+        diverged = {"diverged": True, "message": str(exc), "step": trainer.progress.global_step}
+    tr.algorithm1_step = original  # type: ignore[assignment]
+    _write(root, "nan", r, diverged)
+
     for name, overrides in (("none", NONE), ("syncbn", bn_run(str(root / "data"), True)),
                             ("nosync", bn_run(str(root / "data"), False))):
         trainer = tr.Trainer(load_config(None, overrides), root / name, dist=ctx)

@@ -315,3 +315,24 @@ def test_random_is_reproducible():
     b = BlockProblem.random(np.random.default_rng(7))
     np.testing.assert_array_equal(a.Y, b.Y)
     assert (a.m, a.n, a.p, a.N, a.D) == (2, 4, 2, 32, 25)
+
+
+@given(seeds, dims, st.floats(0.05, 4.0))
+def test_lemma1_bounds_hold_with_half_and_gB_carries_the_unit_gates(seed, d, R):
+    """docs/theory.md §7 and Lemma 2's proof idea [30]: with k½ = Σ_n ||x̂_n|| (||r_n|| + ½ ||x̂_n|| R²) in the
+    ball ||W|| ≤ R, |g_i| ≤ k½ ||w_i|| ||v_i||, ||h_i|| ≤ k½ ||v_i||, ||k_i|| ≤ k½ ||w_i|| (the ¾ of lemma1_k is
+    conservative), and the telescoping bound |g_B| ≤ k½ Σ_i θ_i ||w_i|| ||v_i|| (a factor θ_i per unit)."""
+    prob, rng = make(seed, *d)
+    Y = ball_states(prob, rng, R, 200)
+    xn = np.linalg.norm(prob.Xh, axis=1)
+    rn = np.linalg.norm(prob.Y - prob.Xh @ prob.S.T, axis=1)
+    k_half = float(np.sum(xn * (rn + 0.5 * xn * R**2)))
+    assert k_half <= lemma1_k(prob, R)
+    tol = 1 + 1e-10
+    for name, ratio in lemma1_ratios(prob, Y).items():
+        if name != "k_B":
+            r = ratio[np.isfinite(ratio)]
+            assert np.all(r <= k_half * tol), name
+    s = unpack(Y, prob)
+    gB = np.abs(gradients(prob, Y).g_B)
+    assert np.all(gB <= k_half * np.sum(s.theta * s.w_norms * s.v_norms, axis=-1) * tol + 1e-300)

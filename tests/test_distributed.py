@@ -24,11 +24,12 @@ import torch
 from dist_driver import COMBINED, NONE, TINY, bn_run
 
 from pruning import cli
-from pruning.checkpoint import CHECKPOINT
+from pruning.checkpoint import CHECKPOINT, load_checkpoint
 from pruning.config import load_config
 from pruning.data import InMemoryDataset, RandomCropFlip, WorkerLoader, make_loader, shard_bounds
 from pruning.distributed import DistContext, prune_decision, state_digest
 from pruning.gates import UnitGate, sampling_generator, shared_sample
+from pruning.guard import first_nonfinite
 from pruning.report import REPORT_JSON
 from pruning.runlog import LOG_CSV, SYNC_CSV, TIME_FIELDS
 from pruning.runtime import gate_seed
@@ -263,6 +264,17 @@ def test_a_disagreement_between_processes_is_a_hard_error_on_every_process(scena
     for rec in rank_records(scenarios, "mismatch"):
         assert "pruning decision at step 0: rank(s) 1 of 2 differ from rank 0" in rec["theta"]
         assert "the parameters of rank(s) 1 differ from rank 0's" in rec["weights"]
+
+
+def test_a_non_finite_objective_in_one_process_stops_both_at_the_same_step(scenarios: Path) -> None:
+    a, b = rank_records(scenarios, "nan")
+    assert a["diverged"] and b["diverged"], (a, b)
+    assert a["step"] == b["step"] == 5, "five good steps, the sixth stopped on both processes"
+    assert "epoch 1, iteration 6" in a["message"] and "epoch 1, iteration 6" in b["message"]
+    assert "in another process" in a["message"] and "J=nan" in b["message"]
+    state = load_checkpoint(scenarios / "nan" / CHECKPOINT)
+    assert state["progress"]["global_step"] == 4, "the last good checkpoint (every 4 steps) is kept"
+    assert first_nonfinite(state) is None
 
 
 def test_sharded_evaluate_equals_one_process(scenarios: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 MODULES = ["theory.spec", "theory.architectures", "pruning.models", "pruning.convert", "pruning.config",
-           "pruning.train", "pruning.export"]
+           "pruning.train", "pruning.export", "pruning.sweep", "pruning.userdata"]
 
 
 @pytest.mark.parametrize("name", MODULES)

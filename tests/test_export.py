@@ -85,7 +85,8 @@ def test_save_export_roundtrip(tmp_path):
     _randomize(model, 3)
     exported = export_deterministic(model)
     paths = save_export(exported, tmp_path / "final")
-    assert {p.name for p in (tmp_path / "final").iterdir()} == {"state_dict.pt", "model.pt2", "spec.json"}
+    assert {p.name for p in (tmp_path / "final").iterdir()} == {"state_dict.pt", "model.pt2", "spec.json",
+                                                                 "metadata.json"}
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         expected = exported(x)

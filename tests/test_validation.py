@@ -51,7 +51,7 @@ def test_a_misspelt_dataset_option(tmp_path: Path, capsys: pytest.CaptureFixture
     err = _refused(tmp_path, capsys, *TINY, "--set", "data.options.test_fraction=\"x\"")
     assert "data.options.test_fraction: expected number" in err
     err = _refused(tmp_path, capsys, *TINY, "--set", "data.options.test_fraction=1.5")
-    assert "data.options:" in err and "test_fraction" in err
+    assert "data.options.test_fraction: must lie in (0, 1), got 1.5" in err
 
 
 def test_unknown_keys_suggest_the_close_one() -> None:

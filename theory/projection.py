@@ -7,14 +7,40 @@ tensors alike (only ``where``-free arithmetic via ``clip``/comparisons).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 Array = Any
 
 
+#: The faces of ``H``: every coordinate of ``θ`` lies in ``[LOWER, UPPER]``.
+LOWER, UPPER = 0.0, 1.0
+
+
 def project(theta: Array) -> Array:
     """``Π_H(θ)``: clip every coordinate to ``[0, 1]``, eq. [15]."""
-    return theta.clip(0.0, 1.0)
+    return theta.clip(LOWER, UPPER)
+
+
+def project_(thetas: Sequence[Array]) -> None:
+    """``θ ← Π_H(θ)`` in place for every array of ``thetas`` (eq. [15]; the same clip as :func:`project`).
+
+    Torch tensors (the trainer's θ parameters, one per gate) are clipped by two ``foreach`` kernels
+    over the whole list (``clamp_min_`` then ``clamp_max_``: the same values as ``clip(0, 1)``, NaN
+    included) instead of a clip and a copy per tensor; numpy arrays by ``clip(out=)``.  Call it
+    under ``torch.no_grad()`` for parameters.
+    """
+    items = list(thetas)
+    if not items:
+        return
+    if type(items[0]).__module__.startswith("torch"):
+        import torch  # only reached with torch tensors: theory itself never imports torch
+
+        torch._foreach_clamp_min_(items, LOWER)
+        torch._foreach_clamp_max_(items, UPPER)
+        return
+    for t in items:
+        t.clip(LOWER, UPPER, out=t)
 
 
 def projected_field(theta: Array, v: Array, *, atol: float = 0.0) -> Array:
@@ -38,5 +64,5 @@ def correction(theta: Array, v: Array, *, atol: float = 0.0) -> Array:
     return projected_field(theta, v, atol=atol) - v
 
 
-__all__ = ["correction", "project", "projected_field"]
+__all__ = ["LOWER", "UPPER", "correction", "project", "project_", "projected_field"]
 
