@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from theory.complexity import ComplexityModel
+from theory.latency import LatencyCosts, LatencyError
+from theory.latency import load as load_latency
 from theory.spec import NetworkSpec, load_spec
 
 from .config import ConfigError, RunConfig
@@ -185,3 +188,21 @@ def check_fits(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -
 
 __all__ = ["ARCH_INPUT_DIMS", "build_network", "check_fits", "check_network_fits", "config_for_data", "data_record",
            "load_data", "model_kwargs"]
+
+
+def latency_costs(cfg: RunConfig, spec: NetworkSpec) -> LatencyCosts | None:
+    """``objective.cost = "latency"``: the calibrated costs of ``objective.latency_model`` for ``spec``.
+
+    ``None`` for the FLOPs/parameters cost.  :class:`ConfigError` naming ``objective.latency_model``
+    if the file is missing or damaged, or lacks an entry for a layer kind of ``spec`` (calibrated
+    for another network).
+    """
+    o = cfg.objective
+    if o.cost != "latency":
+        return None
+    try:
+        costs = load_latency(o.latency_model).costs(o.latency_target)
+        ComplexityModel(spec, latency=costs)  # every layer kind of the network must be covered
+    except LatencyError as exc:
+        raise ConfigError([f"objective.latency_model: {exc}"]) from None
+    return costs

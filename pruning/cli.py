@@ -1,4 +1,4 @@
-"""Command line of the training toolkit: ``python -m pruning {train,sweep,evaluate,export,flops} ...``."""
+"""Command line of the training toolkit: ``python -m pruning {train,sweep,evaluate,export,flops,calibrate} ...``."""
 
 from __future__ import annotations
 
@@ -242,6 +242,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return sweep_main(args)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure per-layer step times on a device and write the latency model (``pruning.calibrate``).
+
+    ``--model`` is an architecture name or a run configuration (``.toml``: its network, batch size
+    and threads).  Exit 2 — nothing written — for a bad model/configuration or device.
+    """
+    from .config import ConfigError, load_config
+
+    batch, threads = args.batch, args.threads
+    try:
+        if args.model.endswith(".toml"):
+            from .build import build_network, load_data
+
+            cfg = load_config(args.model)
+            data = load_data(cfg)
+            spec = build_network(cfg, data.num_classes, tuple(data.input_shape), device="meta").spec()
+            batch = batch or cfg.train.batch_size
+            threads = threads or cfg.train.threads
+        else:
+            spec = by_name(args.model)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda: no CUDA device is available", file=sys.stderr)
+            return 2
+    from theory.latency import TARGETS
+
+    from .calibrate import calibrate
+
+    model = calibrate(spec, device=args.device, batch=batch or 128, threads=threads or 1, quick=args.quick,
+                      log=(lambda s: None) if args.json else print, model_label=args.model)
+    model.save(args.out)
+    summary = {t: model.summary(t) for t in TARGETS}
+    if args.json:
+        print(json.dumps({"out": str(args.out), "entries": len(model.entries), "summary": summary,
+                          "seconds": model.meta["calibration_seconds"]}, indent=2))
+    else:
+        for t in TARGETS:
+            print(f"{t}: held-out relative RMS error mean {summary[t]['heldout_rel_rmse_mean']:.3f}, "
+                  f"worst {summary[t]['heldout_rel_rmse_max']:.3f} over {len(model.entries)} layer kinds")
+        print(f"latency model: {args.out} ({model.meta['calibration_seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pruning",
@@ -296,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true", help="also list FLOPs and parameters per layer")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.set_defaults(func=cmd_flops)
+    p = sub.add_parser("calibrate", help="measure per-layer step times on a device and fit the latency model "
+                                         "(objective.cost = \"latency\")")
+    p.add_argument("--model", required=True,
+                   help="architecture name or a run configuration (.toml: its network, batch size and threads)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", required=True, help="latency model file to write (JSON)")
+    p.add_argument("--batch", type=int, default=0, help="batch size to time (default: the config's, else 128)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the config's, else 1)")
+    p.add_argument("--quick", action="store_true", help="fewer widths and repetitions (seconds; for tests)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary instead of the per-layer table")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -40,6 +40,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 #: ``custom`` (torch Datasets given in Python, recorded by the run; :func:`pruning.userdata.from_datasets`).
 DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "folder", "array", "custom")
 MODES = ("combined", "layer", "unit", "none")
+#: ``objective.cost``: the complexity ``C`` of [11] — expected FLOPs/parameters [9]/[10], or measured latency.
+COSTS = ("flops-params", "latency")
+LATENCY_TARGETS = ("inference", "train")
 ESTIMATORS = ("straight-through", "exact-difference")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "cosine-restarts", "step", "constant")
@@ -135,6 +138,11 @@ class ObjectiveConfig:
     elementwise: bool = True
     target_fpr: float | None = None
     target_ppr: float | None = None
+    # "latency": C = α_t E[T] + β Σθ_B with E[T] from the calibrated model in latency_model
+    # (python -m pruning calibrate; theory.latency); rho and elementwise then play no role
+    cost: str = "flops-params"
+    latency_model: str = ""
+    latency_target: str = "inference"  # which fit of the file: "inference" or "train" (forward+backward)
 
 
 @dataclass(frozen=True)
@@ -387,6 +395,12 @@ def _range_errors(cfg: RunConfig) -> list[str]:
                  v)
     need(o.target_fpr is None or o.target_ppr is None, "objective.target_ppr",
          "give either objective.target_fpr or objective.target_ppr, not both", o.target_ppr)
+    need(o.cost in COSTS, "objective.cost", f"unknown cost (choose one of {', '.join(COSTS)})", o.cost)
+    need(o.latency_target in LATENCY_TARGETS, "objective.latency_target",
+         f"unknown target (choose one of {', '.join(LATENCY_TARGETS)})", o.latency_target)
+    need(o.cost != "latency" or bool(o.latency_model), "objective.latency_model",
+         "cost = \"latency\" needs the path of a latency model (python -m pruning calibrate --out FILE)",
+         o.latency_model)
     need(cfg.optim.kind in OPTIMIZERS, "optim.kind", f"unknown optimiser (choose one of {', '.join(OPTIMIZERS)})",
          cfg.optim.kind)
     need(finite(w.lr) and w.lr > 0, "optim.weights.lr", "must be > 0", w.lr)
@@ -587,6 +601,15 @@ def _file_errors(cfg: RunConfig) -> list[str]:
         from .userdata import source_errors
 
         errors += source_errors(cfg.data.name, cfg.data.root, cfg.data.options)
+    o = cfg.objective
+    if o.cost == "latency" and o.latency_model:
+        from theory.latency import LatencyError, load
+
+        try:
+            if not load(o.latency_model).costs(o.latency_target).coef:
+                errors.append(f"objective.latency_model: {o.latency_model} has no {o.latency_target!r} entries")
+        except LatencyError as exc:
+            errors.append(f"objective.latency_model: {exc}")
     if cfg.model.arch != "spec":
         return errors
     from theory.spec import load_spec

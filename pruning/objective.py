@@ -38,7 +38,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from theory.complexity import Coefficients, CompiledComplexity, ComplexityModel, coefficients_for
+from theory.complexity import (
+    Coefficients,
+    CompiledComplexity,
+    ComplexityModel,
+    coefficients_for,
+    latency_coefficients_for,
+)
+from theory.latency import LatencyCosts
 from theory.spec import NetworkSpec
 
 
@@ -59,15 +66,16 @@ class ModelCache:
     (cached with it): the per-step hot path of ``C(Θ)`` and ``E[F]``.
     """
 
-    def __init__(self, *, elementwise: bool) -> None:
+    def __init__(self, *, elementwise: bool, latency: LatencyCosts | None = None) -> None:
         self.elementwise = elementwise
+        self.latency = latency
         self._spec: NetworkSpec | None = None
         self._model: ComplexityModel | None = None
         self._compiled: dict[tuple[Coefficients | None, tuple[str, ...] | str], CompiledComplexity] = {}
 
     def __call__(self, spec: NetworkSpec) -> ComplexityModel:
         if self._model is None or (spec is not self._spec and spec != self._spec):
-            self._model = ComplexityModel(spec, elementwise=self.elementwise)
+            self._model = ComplexityModel(spec, elementwise=self.elementwise, latency=self.latency)
             self._spec = spec
             self._compiled = {}
         return self._model
@@ -89,7 +97,9 @@ class Objective:
     ``baseline_spec`` fixes the coefficients of [13]; :meth:`complexity`
     evaluates ``C`` on ``model.spec()`` (the compacted structure) with
     ``model.block_gates()`` and rebuilds its :class:`ComplexityModel` only
-    when the structure changed (after a pruning step).
+    when the structure changed (after a pruning step).  ``latency`` (``objective.cost =
+    "latency"``): ``C = α_t E[T] + β Σ θ_B`` with the measured step time ``E[T]`` of
+    :mod:`theory.latency` in place of the FLOPs/parameters mix (``rho``, ``elementwise`` unused).
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class Objective:
         mode: str = "combined",
         elementwise: bool = True,
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        latency: LatencyCosts | None = None,
     ) -> None:
         if N < 1:
             raise ValueError(f"N must be a positive sample count, got {N}")
@@ -113,23 +124,26 @@ class Objective:
         self.mode = mode
         self.elementwise = elementwise
         self.loss = loss if loss is not None else F.cross_entropy
-        self.coeffs: Coefficients | None = (
-            None
-            if mode == "none"
-            else coefficients_for(baseline_spec, gamma, rho, delta, N=self.N, elementwise=elementwise)
-        )
-        self.complexity_model = ModelCache(elementwise=elementwise)
+        self.latency = latency
+        self.coeffs: Coefficients | None
+        if mode == "none":
+            self.coeffs = None
+        elif latency is not None:  # C = α_t E[T] + β Σ θ_B (theory.complexity, "Measured latency")
+            self.coeffs = latency_coefficients_for(baseline_spec, gamma, delta, N=self.N, latency=latency)
+        else:
+            self.coeffs = coefficients_for(baseline_spec, gamma, rho, delta, N=self.N, elementwise=elementwise)
+        self.complexity_model = ModelCache(elementwise=elementwise, latency=latency)
         #: ``γ_k / γ`` of a budget controller (:mod:`pruning.budget`, a 0-d tensor), ``None`` = 1: by [13] the
         #: coefficients are linear in γ, so ``C`` priced at ``γ_k`` is this factor times ``C`` at ``γ``
         self.gamma_factor: torch.Tensor | None = None
 
     def current_coeffs(self) -> Coefficients | None:
-        """``(α_f, α_p, β)`` at the current price: ``coeffs`` times ``gamma_factor`` (a host read when set)."""
+        """``(α_f, α_p, β, α_t)`` at the current price: ``coeffs`` times ``gamma_factor`` (a host read when set)."""
         if self.coeffs is None or self.gamma_factor is None:
             return self.coeffs
         u = float(self.gamma_factor)
         c = self.coeffs
-        return Coefficients(c.alpha_f * u, c.alpha_p * u, c.beta * u)
+        return Coefficients(c.alpha_f * u, c.alpha_p * u, c.beta * u, c.alpha_t * u)
 
     def complexity(self, model: Any, spec: NetworkSpec | None = None) -> torch.Tensor:
         """``C(Θ)`` of [11] on the live gates (a differentiable tensor; 0 in mode ``"none"``), at the current price.

@@ -68,7 +68,15 @@ from theory.atomic import atomic_write_text
 
 from .audit import PruningAudit, end_of_run_prune
 from .budget import make_budget
-from .build import build_network, check_fits, check_network_fits, config_for_data, data_record, load_data
+from .build import (
+    build_network,
+    check_fits,
+    check_network_fits,
+    config_for_data,
+    data_record,
+    latency_costs,
+    load_data,
+)
 from .checkpoint import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
@@ -239,7 +247,7 @@ class Trainer:
         o = cfg.objective
         self.objective = Objective(
             self.baseline_spec, N=self.N, gamma=o.gamma, rho=o.rho, delta=o.delta, lam=o.lambda_,
-            mode=cfg.model.mode, elementwise=o.elementwise,
+            mode=cfg.model.mode, elementwise=o.elementwise, latency=latency_costs(cfg, self.baseline_spec),
         )
         self.meter = CostMeter(self.baseline_spec)
         self.progress = Progress()

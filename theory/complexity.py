@@ -35,6 +35,25 @@ literature.  With ``elementwise=True`` it also charges one operation per
 element for each BatchNorm, activation and residual addition (``c_a``,
 ``c_b``, ``c_g`` of [9]), a real hardware cost that keeps ``γ_B > 0`` when
 ``β = 0`` (the remark after [26]).
+
+Measured latency (the ``objective.cost = "latency"`` option).  Given a calibrated
+:class:`theory.latency.LatencyCosts`, :func:`compile_terms` adds, per weight layer with input
+group ``g_in`` and output group ``g_out`` (and block gate ``θ_B^l`` inside a path), the terms of
+``t_l = a_l + b_l n_in n_out + c_l n_out + d_l n_in`` (:mod:`theory.latency`), and per alive block
+``a + c n_out`` for its residual addition (inside ``ξ_B``) and output activation (outside).  They
+carry a third coefficient ``coef_t`` (seconds) beside ``coef_f``/``coef_p``; ``E[T]`` is their sum
+(:meth:`ComplexityModel.latency`).  Exactness: ``E[ξ_B n_in n_out] = θ_B |θ_in|₁ |θ_out|₁``
+needs the gates of ``g_in``, ``g_out`` and ``θ_B`` to be independent, i.e. distinct groups —
+which holds because a layer's input is the previous layer's (or block's) output group and never
+its own; a residual stream shared by several blocks enters each block as that block's ``g_in``
+once per term.  :func:`compile_terms` asserts it for every term (a group repeated in one term
+would need ``E[n²] ≠ E[n]²``).  With latency the combined complexity becomes
+``C = α_t E[T] + β Σ θ_B`` (:func:`latency_coefficients`): ``α_t = γ N L_b / T_tot`` — ``γ``
+keeps its meaning (the price of one average block's share of the baseline cost, now its share of
+the baseline time ``T_tot``), ``δ`` keeps its meaning (``β = γ δ N``, a block price on top of the
+block-constant time ``a_l`` the measurement already charges to ``θ_B``), ``ρ`` has none (one
+cost, nothing to share), and ``elementwise`` none (the measured times include BatchNorm,
+activations and additions).
 """
 
 from __future__ import annotations
@@ -46,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from .latency import LatencyCosts
 from .spec import Block, Layer, NetworkSpec
 
 Array = Any  # numpy.ndarray or torch.Tensor; evaluation uses only sum/product/ones_like
@@ -97,6 +117,7 @@ class Term:
     block: int | None
     factors: tuple[tuple[_Group, int], ...]
     label: str
+    coef_t: float = 0.0  # seconds of measured latency (theory.latency), 0 for FLOPs/parameter terms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,8 +142,62 @@ def _layer_terms(
     return terms
 
 
-def compile_terms(spec: NetworkSpec, *, elementwise: bool = False) -> tuple[Term, ...]:
-    """Expand ``E[F]`` [9] and ``E[P]`` [10] of ``spec`` into multilinear terms (see module doc)."""
+def _latency_terms(
+    coef: tuple[float, float, float, float], g_in: _Group | None, g_out: _Group, block: int | None, label: str
+) -> list[Term]:
+    """``[θ_B] (a + b n_in n_out + c n_out + d n_in)`` of :mod:`theory.latency` as terms (``g_in=None``: no input)."""
+    a, b, c, d = coef
+    out = [Term(0.0, 0.0, block, (), label, a), Term(0.0, 0.0, block, ((g_out, 0),), label, c)]
+    if g_in is not None:
+        out += [Term(0.0, 0.0, block, ((g_in, 0), (g_out, 0)), label, b), Term(0.0, 0.0, block, ((g_in, 0),), label, d)]
+    return [t for t in out if t.coef_t]
+
+
+def _latency_layers(spec: NetworkSpec, lat: LatencyCosts) -> list[Term]:
+    terms: list[Term] = []
+    g_prev = _Group("fixed", width=spec.input_shape[0] if spec.input_shape else 0)
+    for s, layer in enumerate(spec.stem):
+        g_next = _Group("fixed", width=layer.out_width)
+        terms += _latency_terms(lat.layer(layer), g_prev, g_next, None, f"stem.{s}")
+        g_prev = g_next
+    for l, block in enumerate(spec.blocks):
+        g_out = _Group("out", l, width=block.out_width) if block.out_gated else _Group("fixed", width=block.out_width)
+        b = l if block.gated else None
+        if block.alive:
+            groups = [g_prev] + [_Group("unit", l, j, w) for j, w in enumerate(block.unit_widths)] + [g_out]
+            for j, layer in enumerate(block.path):
+                terms += _latency_terms(lat.layer(layer), groups[j], groups[j + 1], b, f"blocks.{l}.path.{j}")
+            terms += _latency_terms(lat.elementwise("add", block), None, g_out, b, f"blocks.{l}.add")
+        if block.shortcut_layer is not None:
+            terms += _latency_terms(lat.layer(block.shortcut_layer), g_prev, g_out, None, f"blocks.{l}.shortcut")
+        if block.out_act:
+            terms += _latency_terms(lat.elementwise("act", block), None, g_out, None, f"blocks.{l}.out")
+        g_prev = g_out
+    for h, layer in enumerate(spec.head):
+        g_next = _Group("fixed", width=layer.out_width)
+        terms += _latency_terms(lat.layer(layer), g_prev, g_next, None, f"head.{h}")
+        g_prev = g_next
+    return terms
+
+
+def compile_terms(
+    spec: NetworkSpec, *, elementwise: bool = False, latency: LatencyCosts | None = None
+) -> tuple[Term, ...]:
+    """Expand ``E[F]`` [9] and ``E[P]`` [10] of ``spec`` into multilinear terms (see module doc).
+
+    With ``latency`` the terms of the measured step time ``E[T]`` follow (``coef_t``; module doc).
+    Raises ``AssertionError`` if a term held one gate group twice (it would not be multilinear).
+    """
+    terms = _flops_params_terms(spec, elementwise)
+    if latency is not None:
+        terms += _latency_layers(spec, latency)
+    for t in terms:  # exactness of E[Π] = Π E: every factor of a term is a distinct, independent group
+        gated = [g for g, _ in t.factors if g.kind != "fixed"]
+        assert len(gated) == len(set(gated)), f"term {t.label} holds a gate group twice"
+    return tuple(terms)
+
+
+def _flops_params_terms(spec: NetworkSpec, elementwise: bool) -> list[Term]:
     terms: list[Term] = []
     width = spec.input_shape[0] if spec.input_shape else 0
     g_prev = _Group("fixed", width=width)
@@ -148,7 +223,7 @@ def compile_terms(spec: NetworkSpec, *, elementwise: bool = False) -> tuple[Term
         g_next = _Group("fixed", width=layer.out_width)
         terms += _layer_terms(layer, g_prev, g_next, None, f"head.{h}", elementwise)
         g_prev = g_next
-    return tuple(terms)
+    return terms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,9 +326,10 @@ class Coefficients:
     alpha_f: float
     alpha_p: float
     beta: float
+    alpha_t: float = 0.0  # price of one second of measured latency E[T] (cost = "latency"); 0 otherwise
 
     def __post_init__(self) -> None:
-        for name in ("alpha_f", "alpha_p", "beta"):
+        for name in ("alpha_f", "alpha_p", "beta", "alpha_t"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"Coefficients.{name} must be a finite number >= 0, got {v!r}")
@@ -286,12 +362,13 @@ class ComplexityModel:
     (on an accelerator the range check reads values back and forces a sync).
     """
 
-    def __init__(self, spec: NetworkSpec, *, elementwise: bool = False) -> None:
+    def __init__(self, spec: NetworkSpec, *, elementwise: bool = False, latency: LatencyCosts | None = None) -> None:
         if not isinstance(spec, NetworkSpec):
             raise ValueError(f"spec must be a NetworkSpec, got {type(spec).__name__}")
         self.spec = spec
         self.elementwise = elementwise
-        self.terms = compile_terms(spec, elementwise=elementwise)
+        self.latency_costs = latency
+        self.terms = compile_terms(spec, elementwise=elementwise, latency=latency)
 
     # -- expectations ---------------------------------------------------------------------------
     def flops(self, gates: Gates | None = None, *, check: bool = True) -> Any:
@@ -306,10 +383,18 @@ class ComplexityModel:
             validate_gates(self.spec, gates)
         return self._sum(gates, "p")
 
+    def latency(self, gates: Gates | None = None, *, check: bool = True) -> Any:
+        """``E[T]``: expected measured step time in seconds (module doc; needs ``latency=`` costs)."""
+        if self.latency_costs is None:
+            raise ValueError("this ComplexityModel was built without a latency model (latency=None)")
+        if check:
+            validate_gates(self.spec, gates)
+        return self._sum(gates, "t")
+
     def _sum(self, gates: Gates | None, which: str) -> Any:
         total: Any = 0.0
         for t in self.terms:
-            coef = t.coef_f if which == "f" else t.coef_p
+            coef = {"f": t.coef_f, "p": t.coef_p, "t": t.coef_t}[which]
             if coef:
                 total = total + coef * _term_value(gates, t)
         return total
@@ -328,12 +413,13 @@ class ComplexityModel:
 
     # -- combined complexity and its gradient ---------------------------------------------------
     def complexity(self, gates: Gates | None, coeffs: Coefficients, *, check: bool = True) -> Any:
-        """``C(Θ) = Σ_l [α_f E[F_l] + α_p E[P_l] + β θ_B^l]``, eq. [11] (constants included)."""
+        """``C(Θ) = Σ_l [α_f E[F_l] + α_p E[P_l] + β θ_B^l]``, eq. [11] (constants included; ``+ α_t E[T_l]``
+        with a latency model, module doc)."""
         if check:
             validate_gates(self.spec, gates)
         total: Any = 0.0
         for t in self.terms:
-            w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p
+            w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p + coeffs.alpha_t * t.coef_t
             if w:
                 total = total + w * _term_value(gates, t)
         if coeffs.beta:
@@ -357,7 +443,7 @@ class ComplexityModel:
         dU_full: list[list[Any]] = [[0.0] * b.M for b in self.spec.blocks]
         dO: list[Any] = [0.0] * n_blocks
         for t in self.terms:
-            w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p
+            w = coeffs.alpha_f * t.coef_f + coeffs.alpha_p * t.coef_p + coeffs.alpha_t * t.coef_t
             if not w:
                 continue
             values = [_group_value(gates, g) + o for g, o in t.factors]
@@ -411,7 +497,7 @@ class ComplexityModel:
 # --------------------------------------------------------------------------------------------------
 
 #: Quantities a :class:`CompiledComplexity` evaluates: ``C(Θ)`` [11], ``E[F]`` [9], ``E[P]`` [10].
-QUANTITIES = ("complexity", "flops", "params")
+QUANTITIES = ("complexity", "flops", "params", "latency")
 
 _Layout = tuple[tuple[bool, tuple[bool, ...] | None, bool], ...]
 
@@ -474,9 +560,10 @@ class CompiledComplexity:
 
     # -- plan -----------------------------------------------------------------------------------
     def _weights(self, t: Term) -> np.ndarray:
-        coef = {"flops": t.coef_f, "params": t.coef_p}
+        coef = {"flops": t.coef_f, "params": t.coef_p, "latency": t.coef_t}
         if self.coeffs is not None:
-            coef["complexity"] = self.coeffs.alpha_f * t.coef_f + self.coeffs.alpha_p * t.coef_p
+            c = self.coeffs
+            coef["complexity"] = c.alpha_f * t.coef_f + c.alpha_p * t.coef_p + c.alpha_t * t.coef_t
         return np.array([coef[n] for n in self.what], dtype=np.float64)
 
     def _plan(self, layout: _Layout) -> _Plan:
@@ -660,6 +747,26 @@ def coefficients_for(
     )
 
 
+def latency_coefficients(gamma: float, delta: float, *, N: int, T_tot: float, L_b: int) -> Coefficients:
+    """[13] for the latency cost: ``α_t = γ N L_b / T_tot``, ``β = γ δ N`` (``α_f = α_p = 0``; ``ρ`` has no role).
+
+    ``T_tot`` is the baseline's ``E[T]`` (all gates 1), so that ``γ`` keeps the meaning of [13]:
+    the per-sample loss paid for one average block's share of the baseline cost (module doc).
+    """
+    base = reparametrize(gamma, 0.5, delta, N=N, F_tot=1.0, P_tot=1.0, L_b=L_b)  # validates γ, δ, N, L_b
+    if isinstance(T_tot, bool) or not isinstance(T_tot, (int, float)) or not (math.isfinite(T_tot) and T_tot > 0):
+        raise ValueError(f"T_tot must be > 0, got {T_tot!r}")
+    return Coefficients(0.0, 0.0, base.beta, alpha_t=gamma * N * L_b / T_tot)
+
+
+def latency_coefficients_for(
+    spec: NetworkSpec, gamma: float, delta: float, *, N: int, latency: LatencyCosts
+) -> Coefficients:
+    """:func:`latency_coefficients` with ``T_tot`` and ``L_b`` read off the baseline ``spec``."""
+    model = ComplexityModel(spec, latency=latency)
+    return latency_coefficients(gamma, delta, N=N, T_tot=float(model.latency()), L_b=spec.prunable_blocks)
+
+
 def ones_gates(spec: NetworkSpec, *, block: bool = True, units: bool = True, outputs: bool = True) -> list[BlockGates]:
     """All-ones gate vectors (numpy) for every gate ``spec`` carries; ``False`` leaves a kind ungated."""
     out = []
@@ -685,6 +792,8 @@ __all__ = [
     "Term",
     "coefficients_for",
     "compile_terms",
+    "latency_coefficients",
+    "latency_coefficients_for",
     "ones_gates",
     "reparametrize",
     "validate_gates",

@@ -45,17 +45,20 @@ from scipy.optimize import minimize
 
 from .architectures import residual_mlp
 from .checks import CheckResult, register
-from .complexity import coefficients_for
+from .complexity import coefficients_for, latency_coefficients_for
+from .latency import LatencyCosts, elementwise_key, layer_key
 from .objective import (
     ExactObjective,
     GateLayout,
     LossKind,
     OutActivation,
     Weights,
+    cost_spec,
     mask_matrix,
     mask_probabilities,
 )
 from .projection import project, projected_field
+from .spec import NetworkSpec
 
 Perturbation = Callable[[Any], Any]
 Progress = Callable[[], None]
@@ -171,6 +174,7 @@ def random_instance(
     max_gates: int = MAX_INSTANCE_GATES,
     max_samples: int = 5,
     perturb: Perturbation | None = None,
+    cost: str = "flops-params",
 ) -> Instance:
     """A random gated residual MLP of 1–``max_blocks`` blocks × 1–``max_units`` units with data and weights.
 
@@ -180,7 +184,9 @@ def random_instance(
     [13] with ``γ ∈ [1e-3, 2]`` (log-uniform), ``ρ ∈ [0, 1]``, ``δ`` 0 or in
     ``[0, 1]``.  Gate modes: full, layer-only (``θ_1`` fixed at 1), unit-only
     (``θ_B`` fixed at 1) or a random mixture; output gates ``θ_2`` on about
-    a third of the networks; at most ``max_gates`` free gates.
+    a third of the networks; at most ``max_gates`` free gates.  ``cost="latency"``: the complexity is
+    a random measured-latency model (:func:`random_latency_costs`) priced by
+    :func:`theory.complexity.latency_coefficients_for` instead of [9]/[10].
     """
     if max_gates < 1:
         raise ValueError(f"max_gates must be >= 1, got {max_gates}")
@@ -217,11 +223,34 @@ def random_instance(
     gamma = float(10 ** rng.uniform(-3.0, np.log10(2.0)))
     rho = float(rng.uniform())
     delta = 0.0 if rng.random() < 0.3 else float(rng.uniform())
-    coeffs = coefficients_for(spec, gamma, rho, delta, N=N)
+    latency = None
+    if cost == "latency":
+        latency = random_latency_costs(rng, cost_spec(spec, g))
+        coeffs = latency_coefficients_for(spec, gamma, delta, N=N, latency=latency)
+    elif cost == "flops-params":
+        coeffs = coefficients_for(spec, gamma, rho, delta, N=N)
+    else:
+        raise ValueError(f"cost must be 'flops-params' or 'latency', got {cost!r}")
     lam = 0.0 if rng.random() < 0.3 else float(rng.uniform(0.0, 0.5))
-    obj = ExactObjective(spec, X, Y, loss=loss, g=g, lam=lam, coeffs=coeffs, layout=layout)
+    obj = ExactObjective(spec, X, Y, loss=loss, g=g, lam=lam, coeffs=coeffs, layout=layout, latency=latency)
     weights = Weights.random(spec, rng, scale=float(rng.uniform(0.5, 3.0)))
     return Instance(obj, weights, mode, perturb)
+
+
+def random_latency_costs(rng: np.random.Generator, spec: NetworkSpec) -> LatencyCosts:
+    """A random latency model (:mod:`theory.latency`) covering ``spec``: ``a, b, c, d`` uniform in
+    ``[0, 1]``, each zero with probability 1/4 (the ``cost="latency"`` instances of every check)."""
+    keys = [layer_key(layer) for layer in (*spec.stem, *spec.head)]
+    for b in spec.blocks:
+        keys += [layer_key(layer) for layer in b.path]
+        keys += [elementwise_key("add", b), elementwise_key("act", b)]
+        if b.shortcut_layer is not None:
+            keys.append(layer_key(b.shortcut_layer))
+    coef = {}
+    for k in keys:
+        v = rng.uniform(0.0, 1.0, 4) * (rng.random(4) >= 0.25)
+        coef[k] = (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
+    return LatencyCosts("train", coef, "random")
 
 
 def _noop() -> None:
@@ -247,6 +276,7 @@ def run_multilinear(
     progress: Progress = _noop,
     *,
     perturb: Perturbation | None = None,
+    cost: str = "flops-params",
     max_gates: int = MAX_SYMBOLIC_GATES,
 ) -> CheckResult:
     """Theorem 3.1 (a): ``∂²L/∂θ_j² ≡ 0`` for every ``j``, decided exactly with sympy.
@@ -267,7 +297,7 @@ def run_multilinear(
     Ks: list[int] = []
     modes: list[str] = []
     for _ in range(instances):
-        inst = random_instance(rng, max_gates=max_gates, perturb=perturb)
+        inst = random_instance(rng, max_gates=max_gates, perturb=perturb, cost=cost)
         Ks.append(inst.K)
         modes.append(inst.mode)
         poly, gens = symbolic_objective(inst.objective, inst.weights)
@@ -310,6 +340,7 @@ def run_affine(
     progress: Progress = _noop,
     *,
     perturb: Perturbation | None = None,
+    cost: str = "flops-params",
     max_gates: int = MAX_INSTANCE_GATES,
     points: int = 4,
 ) -> CheckResult:
@@ -325,7 +356,7 @@ def run_affine(
     Ks: list[int] = []
     modes: list[str] = []
     for _ in range(instances):
-        inst = random_instance(rng, max_gates=max_gates, perturb=perturb)
+        inst = random_instance(rng, max_gates=max_gates, perturb=perturb, cost=cost)
         K = inst.K
         Ks.append(K)
         modes.append(inst.mode)
@@ -367,6 +398,7 @@ def run_vertex_min(
     progress: Progress = _noop,
     *,
     perturb: Perturbation | None = None,
+    cost: str = "flops-params",
     max_gates: int = MAX_INSTANCE_GATES,
     starts: int = 4,
 ) -> CheckResult:
@@ -382,7 +414,7 @@ def run_vertex_min(
     Ks: list[int] = []
     modes: list[str] = []
     for _ in range(instances):
-        inst = random_instance(rng, max_gates=max_gates, perturb=perturb)
+        inst = random_instance(rng, max_gates=max_gates, perturb=perturb, cost=cost)
         K = inst.K
         Ks.append(K)
         modes.append(inst.mode)
@@ -449,6 +481,7 @@ def run_rounding(
     progress: Progress = _noop,
     *,
     perturb: Perturbation | None = None,
+    cost: str = "flops-params",
     max_gates: int = MAX_INSTANCE_GATES,
     starts: int = 3,
 ) -> CheckResult:
@@ -462,7 +495,7 @@ def run_rounding(
     Ks: list[int] = []
     modes: list[str] = []
     for _ in range(instances):
-        inst = random_instance(rng, max_gates=max_gates, perturb=perturb)
+        inst = random_instance(rng, max_gates=max_gates, perturb=perturb, cost=cost)
         K = inst.K
         Ks.append(K)
         modes.append(inst.mode)
@@ -574,6 +607,7 @@ def run_gradient_flow(
     progress: Progress = _noop,
     *,
     perturb: Perturbation | None = None,
+    cost: str = "flops-params",
     max_gates: int = MAX_INSTANCE_GATES,
     max_steps: int = 20000,
 ) -> CheckResult:
@@ -592,7 +626,7 @@ def run_gradient_flow(
     Ks: list[int] = []
     modes: list[str] = []
     for _ in range(instances):
-        inst = random_instance(rng, max_gates=max_gates, perturb=perturb)
+        inst = random_instance(rng, max_gates=max_gates, perturb=perturb, cost=cost)
         Ks.append(inst.K)
         modes.append(inst.mode)
         end = gradient_flow(inst, rng.uniform(0.05, 0.95, inst.K), max_steps=max_steps)

@@ -54,6 +54,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .complexity import BlockGates, Coefficients, ComplexityModel, GateGrads, validate_gates
+from .latency import LatencyCosts
 from .spec import NetworkSpec
 
 Array = Any  # numpy.ndarray, torch.Tensor, or a numpy object array of sympy expressions
@@ -504,7 +505,8 @@ class ExactObjective:
     term); ``layout``: which gates are free (default every gate of ``spec``);
     ``elementwise``: counting convention of the complexity model.  The output activation's cost
     ``c_g`` of [9] is charged only where ``g`` is applied: with ``g = "identity"`` the complexity model
-    sees every block with ``out_act = False`` (:func:`cost_spec`).
+    sees every block with ``out_act = False`` (:func:`cost_spec`).  ``latency``: a measured latency model
+    (:mod:`theory.latency`) whose ``E[T]`` enters ``C`` with ``coeffs.alpha_t``.
     """
 
     def __init__(
@@ -519,6 +521,7 @@ class ExactObjective:
         coeffs: Coefficients | None = None,
         layout: GateLayout | None = None,
         elementwise: bool = False,
+        latency: LatencyCosts | None = None,
     ) -> None:
         _check_spec(spec)
         if loss not in _LOSSES:
@@ -542,7 +545,7 @@ class ExactObjective:
                 f"layout: K={self.layout.K} gates exceed MAX_GATES={MAX_GATES}; the exact objective enumerates "
                 "2^K gate masks (fix some gate kinds at 1 or use a smaller network)"
             )
-        self.model = ComplexityModel(cost_spec(spec, g), elementwise=elementwise)
+        self.model = ComplexityModel(cost_spec(spec, g), elementwise=elementwise, latency=latency)
         self.masks = mask_matrix(self.layout.K)
         self.X, self.T = self._check_data(X, Y)
         self._torch_cache: dict[str, Any] = {}
