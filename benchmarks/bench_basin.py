@@ -1,4 +1,4 @@
-"""Basin-map throughput: many canonical-block trajectories (THEORY.md §7) batched vs one-by-one solve_ivp.
+"""Basin-map throughput: many canonical-block trajectories (THEORY §7) batched vs one-by-one solve_ivp.
 
 Integrates the projected ODE [22]/[24] of one canonical block (m = 2 inputs,
 n = 4 units, p = 2 outputs, N = 32 samples, ``BlockProblem.random``) from

@@ -11,7 +11,7 @@ and restored around its epochs, so each run is the run it would be on its own.
 Reported: the wall-clock ratio (pruning / baseline) of the training loop (``Progress.train_time_s``:
 iterations + pruning, without evaluation and checkpoints; the whole ``fit`` time is printed too),
 against the training-cost ratio of the run's report (``training_cost_ratio``: cumulative ``E[F]·|B|``
-over the baseline network's cost for the same samples, seed Figure 4) and against the ratio of the
+over the baseline network's cost for the same samples, the paper's Figure 4) and against the ratio of the
 FLOPs actually executed (``training_cost_ratio_dense``: the surviving network with every gate 1 — a
 gated network computes a unit whether its sample is 0 or 1).  FLOPs come from the one complexity
 model.  Per-epoch rows show how the time ratio follows the compaction.

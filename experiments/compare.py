@@ -11,7 +11,7 @@ report) is resumed, so the grid can be stopped and restarted at will; a cached r
 configuration differs from the one asked for is an error (use another ``--out``).
 
 The finished runs are aggregated per setting (mean ± sd over seeds) into a table in the style of the
-seed's Tables 2–5 (Test Acc, Baseline Acc, Layers Left, fPR, pPR, plus the training cost Σ E[F]
+paper's Tables 2–5 (Test Acc, Baseline Acc, Layers Left, fPR, pPR, plus the training cost Σ E[F]
 relative to the baseline network), the accuracy-vs-fPR Pareto front of each mode is computed from
 the per-setting means, and ``experiments/RESULTS.md`` is written (atomically) with the command that
 reproduces it, the machine, the compute used and a plain statement of whether the combined mode's
@@ -828,11 +828,11 @@ def write_results(args: argparse.Namespace, runs: Sequence[RunSpec], records: Se
         "",
         "## Results",
         "",
-        "Columns as in the seed's Tables 2–5: final test accuracy (mean ± sd over seeds, mean-field network), the "
+        "Columns as in the paper's Tables 2–5: final test accuracy (mean ± sd over seeds, mean-field network), the "
         "baseline's mean accuracy (mode `none`, same epochs), weight layers left of the baseline's, "
         "fPR = 1 − F/F_tot and pPR = 1 − P/P_tot of the final deterministic network (conv + linear MACs; "
         "parameters incl. BN pairs). Train cost: Σ_k E[F](θ_k)|B_k| over training relative to the baseline "
-        "network's cost for the same samples (seed Figure 4). Gates θ<½ left: share of the surviving gates whose "
+        "network's cost for the same samples (paper, Figure 4). Gates θ<½ left: share of the surviving gates whose "
         "θ is below ½ (but above ε, else they would be gone) after the last epoch, mean over seeds — gates still "
         "on their way out, so fPR/pPR would grow with more epochs. Train time: mean training wall clock per run "
         "(shared machine, indicative only). `–`: parameter not used by that mode (unit-only has no block gates, so "
@@ -903,7 +903,7 @@ def write_runs_results(root: Path, records: Sequence[dict[str, Any]], figures: S
 # --------------------------------------------------------------------------------------------------
 
 FIGURE_SCRIPTS = ("pareto", "fig2_per_layer", "fig3_units_left", "fig4_training_cost")
-#: colour and marker per mode, shared by every figure (baseline violet and pruned green as in the seed's Fig. 2)
+#: colour and marker per mode, shared by every figure (baseline violet and pruned green as in the paper's Fig. 2)
 MODE_STYLE = {"none": ("#6a3d9a", "*"), "layer": ("#ff7f00", "s"), "unit": ("#1f78b4", "^"),
               "combined": ("#33a02c", "o")}
 

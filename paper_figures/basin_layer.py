@@ -1,4 +1,4 @@
-"""Basin map of the layer slice θ_B × ||W|| with the certified region and the ε line (THEORY.md §6, Theorem 5.1).
+"""Basin map of the layer slice θ_B × ||W|| with the certified region and the ε line (THEORY §6, Theorem 5.1).
 
 Left: the whole slice (outcome of the projected ODE [22] from every start,
 ``W = s·Ŵ`` along the fitted direction, all ``θ_i = 1``).  Right: zoom on the

@@ -1,4 +1,4 @@
-"""3-D basin of pruning θ_B × ||W|| × θ_u with the certified region and the ε planes (THEORY.md §6–§7, Theorem 5.1).
+"""3-D basin of pruning θ_B × ||W|| × θ_u with the certified region and the ε planes (THEORY §6–§7, Theorem 5.1).
 
 The box of initial conditions ``(θ_B, s = ||W||, θ_u)``: ``W = s·Ŵ`` along the
 fitted direction, every unit gate ``θ_i = θ_u`` (``θ_u = 1`` is the layer

@@ -1,4 +1,4 @@
-"""Figure 2 of the seed: parameters and FLOPs of every layer, baseline vs pruned network, log scale.
+"""Figure 2 of the paper: parameters and FLOPs of every layer, baseline vs pruned network, log scale.
 
 For one run per dataset (``--run DIR``, or picked automatically: among the combined-mode settings on
 the accuracy-vs-fPR Pareto front, the one that removed the most layers, ties broken by accuracy; its

@@ -1,4 +1,4 @@
-"""Figure 3 of the seed: units (filters) left on every unit-gated layer, for a few hyper-parameter choices.
+"""Figure 3 of the paper: units (filters) left on every unit-gated layer, for a few hyper-parameter choices.
 
 One panel per setting (rows: datasets).  Grey outline: the baseline width of the layer; bar: units left,
 mean over seeds (a layer whose block was removed counts 0 units in that seed), whiskers: sd, dots: the

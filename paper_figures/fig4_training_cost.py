@@ -1,4 +1,4 @@
-"""Figure 4 of the seed: cumulative training load vs epoch, normalised by the baseline's total load.
+"""Figure 4 of the paper: cumulative training load vs epoch, normalised by the baseline's total load.
 
 The trainer logs, per epoch, ``cum_train_flops = Σ_k E[F](θ_k)|B_k|`` — the expected conv + linear MACs
 of the network that survived up to iteration ``k`` ([9], Algorithm 1) — and ``cum_baseline_flops``,

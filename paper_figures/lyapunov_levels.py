@@ -1,4 +1,4 @@
-"""Level sets of V_B = ½||W||² + a θ_B on the layer slice, shaded by the sign of V̇_B (THEORY.md §6, [31]–[32]).
+"""Level sets of V_B = ½||W||² + a θ_B on the layer slice, shaded by the sign of V̇_B (THEORY §6, [31]–[32]).
 
 ``V̇_B`` is evaluated exactly from the projected field [22]/[24] at every
 point of the slice ``(θ_B, W = s·Ŵ, θ_i = 1)``.  ``a`` and the Lemma-1 radius

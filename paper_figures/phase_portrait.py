@@ -1,4 +1,4 @@
-"""Phase portraits in (θ_B, ||W||) of a useful and a useless block (THEORY.md §6–§7, Theorem 5.1).
+"""Phase portraits in (θ_B, ||W||) of a useful and a useless block (THEORY §6–§7, Theorem 5.1).
 
 Trajectories of the projected ODE [22]/[24] (reference integrator
 :func:`theory.ode.odeint`) from a grid of starts ``(θ_B, W = s·Ŵ, θ_i = 1)``

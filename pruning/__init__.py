@@ -1,4 +1,4 @@
-"""Training that prunes itself (arXiv 2411.09127, THEORY.md §1–§5), in torch.
+"""Training that prunes itself (arXiv 2411.09127, THEORY §1–§5), in torch.
 
 Data flows config → model → objective → trainer → pruner → report:
 :mod:`pruning.config` (TOML), :mod:`pruning.models` (gated networks built from a

@@ -1,6 +1,6 @@
 """Pruning audit: was each structure the ε-rule removed inside a certified region of Theorem 5.1 / 5.2?
 
-THEORY.md §6 certifies, for one block, the regions ``D_B = {½||W||² + a θ_B < ρ}`` and
+THEORY §6 certifies, for one block, the regions ``D_B = {½||W||² + a θ_B < ρ}`` and
 ``D_i = {½(||w_i||² + ||v_i||²) + a θ_i < ρ}`` with ``ρ < a c/((2+a)k)`` (``c = c_B`` resp. ``c_1``,
 ``k`` the Lemma-1 constant [28]) from which the structure provably converges to "pruned"; the
 union over ``a > 0`` is :func:`theory.certificates.union_margin` (closed form: certified iff

@@ -1,4 +1,4 @@
-"""Physical removal of pruned units and blocks (THEORY.md §5, Algorithm 1 step 4).
+"""Physical removal of pruned units and blocks (THEORY §5, Algorithm 1 step 4).
 
 A unit is removed for good when ``θ_1,i < ε``; a block when ``θ_B < ε`` or
 when all units of any of its inner gated layers are below ``ε`` (the block is

@@ -170,7 +170,7 @@ class ThetaOptimConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """``[optim]``: ``kind = "sgd-adam"`` (seed Table 1) or ``"plain-sgd"`` (constant step, both groups; §5)."""
+    """``[optim]``: ``kind = "sgd-adam"`` (paper, Table 1) or ``"plain-sgd"`` (constant step, both groups; §5)."""
 
     kind: str = "sgd-adam"
     weights: WeightOptimConfig = field(default_factory=WeightOptimConfig)

@@ -1,4 +1,4 @@
-"""The final deterministic network (THEORY.md §5, last paragraph).
+"""The final deterministic network (THEORY §5, last paragraph).
 
 :func:`export_deterministic` turns a (compacted) gated network into a plain
 torch module without gate modules, with the surviving ``θ`` folded into the

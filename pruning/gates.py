@@ -1,4 +1,4 @@
-"""Bernoulli gates: the ``ξ`` of eq. [1] as torch modules (THEORY.md §1, §5).
+"""Bernoulli gates: the ``ξ`` of eq. [1] as torch modules (THEORY §1, §5).
 
 Every gate is a Bernoulli random variable ``ξ ~ Bernoulli(θ)`` with a learned
 probability ``θ ∈ [0, 1]`` stored as a float32 :class:`torch.nn.Parameter`.
@@ -42,8 +42,8 @@ Samples come from torch's global generator, or from the generator set with
 own stream, derived from the seed, the process's rank and the step).
 
 ``θ`` is initialised to ``theta_init`` (default 1.0: the starting network is
-the full deterministic network; the seed's Table 1 value of the initial ``θ``
-was lost in extraction).  Keeping ``θ`` inside ``[0, 1]`` is the trainer's job
+the full deterministic network; the paper's Table 1 value of the initial ``θ``
+is not taken over).  Keeping ``θ`` inside ``[0, 1]`` is the trainer's job
 (projection Π_H of [15], :func:`theory.projection.project`); the sampler
 clamps defensively.
 """

@@ -1,4 +1,4 @@
-"""Gated residual networks (THEORY.md §1): one generic network, four architectures.
+"""Gated residual networks (THEORY §1): one generic network, four architectures.
 
 Read top to bottom:
 
@@ -8,7 +8,7 @@ Read top to bottom:
 2. Shortcuts — identity, :class:`ZeroPadShortcut` (option A: stride-2
    subsampling + zero channel padding) or a projection (a 1×1 conv + BN
    :class:`WeightLayer`).
-3. :class:`ResidualBlock` — the seed's Figure 1:
+3. :class:`ResidualBlock` — the paper's Figure 1:
    ``z = ξ_2 ⊙ g(S x + ξ_B · path(x))`` where ``path`` is ``M + 1`` weight
    layers, the first ``M`` of them unit-gated.  A pruned block has
    ``path = None`` and keeps its shortcut.  The gates of the path act
@@ -227,7 +227,7 @@ class ZeroPadShortcut(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Residual block (seed Figure 1)
+# 3. Residual block (paper, Figure 1)
 # ------------------------------------------------------------------------------------------------
 
 

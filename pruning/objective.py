@@ -21,7 +21,7 @@ and implementations minimise ``J = L / N``:
 * ``(α_f, α_p, β)`` come from the user parameters ``(γ, ρ, δ)`` by [13]
   (:func:`theory.complexity.coefficients_for`) on the *baseline* structure,
   fixed for the whole run: pruning changes ``C``, not its prices;
-* ``λ`` is the precision of the Gaussian weight prior (seed Table 1:
+* ``λ`` is the precision of the Gaussian weight prior (paper, Table 1:
   ``λ = 128`` ImageNet, 30 CIFAR-10, 37.5 CIFAR-100), i.e. weight decay
   ``λ/N`` on every weight parameter (the optimiser itself applies none).
 

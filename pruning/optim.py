@@ -1,6 +1,6 @@
 """The optimisers of Algorithm 1 and the learning-rate schedule of the weights (THEORY §5, [14]–[15]).
 
-SGD with momentum on ``W`` and Adam on ``Θ`` (seed Table 1), or plain SGD with a constant step on
+SGD with momentum on ``W`` and Adam on ``Θ`` (paper, Table 1), or plain SGD with a constant step on
 both (the setting of the ODE comparison).  The projection ``Π_H`` of [15] is applied by the step
 (:func:`pruning.step.algorithm1_step`), not by the optimiser.
 """
@@ -19,7 +19,7 @@ from .config import RunConfig
 def make_optimizers(
     cfg: RunConfig, weights: list[nn.Parameter], gates: list[nn.Parameter]
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """SGD(+momentum) on ``W`` and Adam on ``Θ`` (seed Table 1), or plain SGD on both (``plain-sgd``).
+    """SGD(+momentum) on ``W`` and Adam on ``Θ`` (paper, Table 1), or plain SGD on both (``plain-sgd``).
 
     Weight decay is 0 here: the Gaussian prior ``(λ/N)/2 ||W||²`` is part of the objective.
     """

@@ -1,6 +1,6 @@
 """End-of-run report: ``report.json`` and ``report.md`` in the run directory (written atomically).
 
-The numbers the seed reports for every experiment (Tables 2–5): final test accuracy, layers left,
+The numbers the paper reports for every experiment (Tables 2–5): final test accuracy, layers left,
 ``fPR = 1 − F/F_tot`` and ``pPR = 1 − P/P_tot`` of the deterministic final network (conv + linear
 MACs, parameters incl. BN pairs: THEORY §3 "two uses of one model"), plus the units left per gated
 layer (Figure 3) and the training cost relative to the baseline network (Figure 4).  Everything is

@@ -6,7 +6,7 @@ trains every point of the grid (here 2 × 2 settings × 3 seeds = 12 runs) one a
 ``runs/sweep1/gamma0.02_rho0.2/seed1``) under the folder rules of :mod:`pruning.rundir` (lock,
 provenance, ``train.log``).  Then it writes the aggregate, ``<out>/results.json`` and
 ``<out>/results.md``: per setting the mean ± sd over seeds of the test accuracy, fPR, pPR, layers left
-and the training cost Σ E[F] relative to the baseline network (THEORY §5, seed Figure 4).
+and the training cost Σ E[F] relative to the baseline network (THEORY §5, the paper's Figure 4).
 
 * A grid field is any dotted configuration key (``optim.theta.lr``, ``model.kwargs.widths``, ...);
   ``gamma``, ``rho``, ``delta`` and ``lambda`` are short for ``objective.*``.  Values are TOML literals
@@ -425,7 +425,7 @@ def _finite(x: Any) -> float | None:
 
 
 def aggregate(plan: SweepPlan) -> list[dict[str, Any]]:
-    """Per setting: each seed's numbers (from its ``report.json``) and their mean and sd (ddof 1) over seeds."""
+    """Per setting: each the paper's numbers (from its ``report.json``) and their mean and sd (ddof 1) over seeds."""
     from .report import REPORT_JSON
 
     rows = []

@@ -1,4 +1,4 @@
-"""Algorithm 1 of the seed: training that prunes units and residual blocks while it trains (THEORY §5).
+"""Algorithm 1 of the paper: training that prunes units and residual blocks while it trains (THEORY §5).
 
 Per iteration ``k`` (one mini-batch, one gate sample ``Ξ_k ~ q_Θ`` drawn by the forward pass):
 
@@ -17,7 +17,7 @@ Per iteration ``k`` (one mini-batch, one gate sample ``Ξ_k ~ q_Θ`` drawn by th
    ``k``, certified by Theorem 5.1/5.2?); with ``train.audit`` they are flagged and kept instead.
 
 Bookkeeping: the training cost of an iteration is ``E[F]`` ([9], conv + linear MACs) of the
-surviving network at the current ``θ`` times the batch size; its running sum is the seed's
+surviving network at the current ``θ`` times the batch size; its running sum is the paper's
 Figure 4, reported relative to the baseline network's cost for the same number of samples.
 Every epoch ends with a mean-field evaluation, one log record (CSV, optional TensorBoard) and an
 atomic checkpoint holding the model state *and* its structure, optimiser states, RNG states and
@@ -147,7 +147,7 @@ class Progress:
     epoch: int = 0  # completed epochs
     global_step: int = 0
     samples: int = 0
-    cum_flops: float = 0.0  # Σ_k E[F](θ_k) |B_k|  (seed Figure 4)
+    cum_flops: float = 0.0  # Σ_k E[F](θ_k) |B_k|  (paper, Figure 4)
     cum_flops_dense: float = 0.0  # Σ_k F(surviving network, all gates 1) |B_k|
     train_time_s: float = 0.0
     log: list[dict[str, Any]] = field(default_factory=list)

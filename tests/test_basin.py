@@ -1,4 +1,4 @@
-"""Basin maps of theory/basin.py (THEORY.md §6-§7).
+"""Basin maps of theory/basin.py (THEORY §6-§7).
 
 * classification: a block that cannot pay for itself is pruned from every start, a cheap useful block
   started at its fitted weights survives;

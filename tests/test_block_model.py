@@ -1,4 +1,4 @@
-"""The canonical block model of THEORY.md §7: closed forms, [23] semantics, Lemma 1/2 ([28]-[30])."""
+"""The canonical block model of THEORY §7: closed forms, [23] semantics, Lemma 1/2 ([28]-[30])."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Lyapunov certificates of Theorems 5.1/5.2 (theory/certificates.py, THEORY.md §6-§7).
+"""Lyapunov certificates of Theorems 5.1/5.2 (theory/certificates.py, THEORY §6-§7).
 
 * the closed forms of the union of the regions over ``a`` (and ``R``) agree with brute force;
 * the witness of a certified state is an admissible certificate that contains it;
-* the rate bounds [32]/[34] (THEORY.md's and the sharp form) hold at random points of the regions;
+* the rate bounds [32]/[34] (the stated and the sharp form) hold at random points of the regions;
 * trajectories from the regions keep ``V`` non-increasing, prune, and decay (the registered checks pass);
 * negative controls: a wrong (too small) Lemma-1 constant and a start outside the region are detected.
 """

@@ -1,4 +1,4 @@
-"""The complexity model (THEORY.md §3, [9]–[13]): reference totals, gradients, validation."""
+"""The complexity model (THEORY §3, [9]–[13]): reference totals, gradients, validation."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from theory import (
 from theory.spec import Block, Layer, NetworkSpec
 
 # ---------------------------------------------------------------------------------------------
-# Reference totals of THEORY.md §3 (conv + linear MACs, parameters incl. BN affine pairs)
+# Reference totals of THEORY §3 (conv + linear MACs, parameters incl. BN affine pairs)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Theorem 3.1 checks (theory.determinism, THEORY.md §4 (a)–(e)), with negative controls."""
+"""Theorem 3.1 checks (theory.determinism, THEORY §4 (a)–(e)), with negative controls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m pruning flops`` prints the reference totals of THEORY.md §3 through the one complexity model."""
+"""``python -m pruning flops`` prints the reference totals of THEORY §3 through the one complexity model."""
 
 from __future__ import annotations
 

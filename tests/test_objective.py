@@ -1,4 +1,4 @@
-"""The exact objective of theory.objective: THEORY.md §1–§2 ([1], [2.2]), [9]–[12], [19]–[21]."""
+"""The exact objective of theory.objective: THEORY §1–§2 ([1], [2.2]), [9]–[12], [19]–[21]."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Theory of complexity-aware structure discovery (arXiv 2411.09127): numpy/scipy/sympy only.
 
-Importing :mod:`theory` never imports torch.  See THEORY.md (the specification)
+Importing :mod:`theory` never imports torch.  See docs/theory.md (the specification)
 for the equation numbers cited in every docstring.
 """
 

@@ -1,4 +1,4 @@
-"""Structural descriptions of the architectures the project trains (THEORY.md §1, §3).
+"""Structural descriptions of the architectures the project trains (THEORY §1, §3).
 
 Each builder returns the :class:`~theory.spec.NetworkSpec` that the matching
 torch model in ``pruning.models`` produces from its ``.spec()`` method before

@@ -1,4 +1,4 @@
-"""Domains of attraction of the pruned sets in 2-D slices of the canonical block (THEORY.md §6–§7).
+"""Domains of attraction of the pruned sets in 2-D slices of the canonical block (THEORY §6–§7).
 
 A *slice* fixes a problem (§7), a base state and a direction, and varies two
 coordinates of the initial condition of the projected ODE [22]/[24]:
@@ -87,7 +87,7 @@ LABELS: dict[int, str] = {
     SURVIVED: "survived",
     UNDECIDED: "undecided",
 }
-#: The practical pruning threshold of the seed's Algorithm 1 (Table 1): a gate below ε is removed.
+#: The practical pruning threshold of the paper's Algorithm 1 (Table 1): a gate below ε is removed.
 EPS = 0.1
 
 
@@ -777,7 +777,7 @@ def add_basin_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``basin`` sub-command to ``python -m theory``'s sub-parsers (handler: :func:`cmd_basin`)."""
     b = subparsers.add_parser(
         "basin", help="map a 2-D slice or a 3-D box of initial conditions: certified region vs empirical basin",
-        description="Map the domain of attraction of the pruned set of the canonical block (THEORY.md §7): layer "
+        description="Map the domain of attraction of the pruned set of the canonical block (THEORY §7): layer "
         "slice theta_B x ||W||, unit slice theta_i x ||(w_i, v_i)||, or the 3-D box theta_B x ||W|| x theta_units "
         "(--slice volume).  Prints the area (volume) fractions of the certified region (Theorems 5.1/5.2, union over "
         "a) and of the empirical basin, and where the eps = 0.1 rule lies; with --out writes "

@@ -1,4 +1,4 @@
-"""The domain of attraction of "block pruned" in a 3-D region of initial conditions (THEORY.md §6–§7).
+"""The domain of attraction of "block pruned" in a 3-D region of initial conditions (THEORY §6–§7).
 
 The layer slice of :mod:`theory.basin` (``θ_B`` × ``||W||`` along the fitted
 direction ``Ŵ``, every unit gate at 1) is one face of a box; the third axis is

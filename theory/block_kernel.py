@@ -1,4 +1,4 @@
-"""The velocity of the canonical block (THEORY.md §7, [24]) for ONE state, compiled (numba).
+"""The velocity of the canonical block (THEORY §7, [24]) for ONE state, compiled (numba).
 
 The same closed forms as :func:`theory.block_model.gradients` /
 :func:`theory.block_model.velocity` (the readable numpy reference; see that

@@ -1,4 +1,4 @@
-"""The canonical block model of THEORY.md §7: one gated residual block on fixed data, exact.
+"""The canonical block model of THEORY §7: one gated residual block on fixed data, exact.
 
 One residual block, everything else frozen::
 

@@ -1,4 +1,4 @@
-"""Compiled batch integrator for the canonical block's projected ODE [22]/[24] (THEORY.md §6–§7).
+"""Compiled batch integrator for the canonical block's projected ODE [22]/[24] (THEORY §6–§7).
 
 The same two schemes as :func:`theory.ode.odeint_batch` — adaptive
 Runge–Kutta–Chebyshev (``"rkc"``) and the fixed-step explicit Runge–Kutta

@@ -1,4 +1,4 @@
-"""Lyapunov certificates of Theorems 5.1 and 5.2 and their numerical checks (THEORY.md §6–§7).
+"""Lyapunov certificates of Theorems 5.1 and 5.2 and their numerical checks (THEORY §6–§7).
 
 Everything is stated for the canonical block of §7 (:mod:`theory.block_model`),
 whose Lemma-1 constant on the ball ``||W|| ≤ R`` is explicit [28]::
@@ -22,9 +22,9 @@ and count trajectories that leave the ball as *inconclusive*.
 
 The maths checked here (derivations in the docstrings):
 
-* the proofs of [32]/[34] give sharper rates than THEORY.md states (both are
+* the proofs of [32]/[34] give sharper rates than stated in [32]/[34] (both are
   checked): ``V̇_B ≤ −κ_B − λ||W||²`` while ``θ_B > 0`` (the term
-  ``aθ̇_B ≤ −a(c_B − (k/2)||W||²)`` carries no factor ``θ_B``; THEORY.md's
+  ``aθ̇_B ≤ −a(c_B − (k/2)||W||²)`` carries no factor ``θ_B``; the stated
   ``κ_B θ_B`` follows from ``θ_B ≤ 1``), and ``V̇_i ≤ −κ_1 θ_B − λ||u_i||²``
   while ``θ_i > 0``; ``θ̇_i ≤ −θ_B (c_1 − kρ)`` while ``θ_i > 0``, so ``θ_i``
   reaches 0 once ``∫θ_B ≥ θ_i(0)/(c_1 − kρ)``;
@@ -222,7 +222,7 @@ def block_rate_bound(problem: BlockProblem, y: Any, a: Any, rho: Any, k: Any, *,
     ``aθ̇_B ≤ −a(c_B − (k/2)||W||²)`` (the latter has no factor ``θ_B``), so with
     ``||W||² < 2ρ``: ``V̇_B < (2+a)kρ − ac_B − λ||W||² = −κ_B − λ||W||²``; at
     ``θ_B = 0`` the projection gives ``θ̇_B = 0`` (``−(g_B + γ_B) ≤ −(c_B − kρ) < 0``)
-    and ``V̇_B = −λ||W||²``.  THEORY.md's ``κ_B θ_B`` is the weaker consequence
+    and ``V̇_B = −λ||W||²``.  the stated ``κ_B θ_B`` is the weaker consequence
     (``θ_B ≤ 1``); both are checked.
     """
     st = unpack(y, problem)
@@ -1093,7 +1093,7 @@ def vdot_check(
         progress()
     label = name or ("vdot5.2" if unit else "vdot5.1")
     details = {"points": total, "tightest_relative_slack": tight, "k_scale": k_scale,
-               "note": "both THEORY.md's bound and the sharp form (kappa·1[theta > 0] for the gate factor) are "
+               "note": "both the stated bound and the sharp form (kappa·1[theta > 0] for the gate factor) are "
                        "tested; tightest_relative_slack = max (V' - sharp bound)/|sharp bound| over points "
                        "(<= 0 when it holds, near 0 when sharp; Lemma 1's k is conservative)"}
     metric = f"max over points of (V' - bound)/({TOL_RATE:g}·scale); <= 1 passes"

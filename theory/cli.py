@@ -30,7 +30,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m theory",
-        description="Check the theory of complexity-aware structure discovery (THEORY.md): Theorem 3.1, "
+        description="Check the theory of complexity-aware structure discovery (docs/theory.md): Theorem 3.1, "
         "Lemmas 1-2, Theorems 5.1/5.2, integrators; map domains of attraction.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""The expected-complexity model: THEORY.md §3, eqs [9]–[13], [18].
+"""The expected-complexity model: THEORY §3, eqs [9]–[13], [18].
 
 This module is the single implementation of expected FLOPs ``E[F]`` [9],
 expected parameters ``E[P]`` [10], the combined complexity ``C(Θ)`` [11], its
@@ -109,7 +109,7 @@ class Term:
 
     ``block`` is the index of the block gate multiplying the term (``None``
     for terms outside any nonlinear path); ``label`` names the layer the cost
-    belongs to (for per-layer tables, seed Figure 2).
+    belongs to (for per-layer tables, the paper's Figure 2).
     """
 
     coef_f: float
@@ -400,7 +400,7 @@ class ComplexityModel:
         return total
 
     def per_layer(self, gates: Gates | None = None, *, check: bool = True) -> dict[str, tuple[float, float]]:
-        """``{layer label: (E[F], E[P])}``, in network order (seed Figure 2)."""
+        """``{layer label: (E[F], E[P])}``, in network order (paper, Figure 2)."""
         if check:
             validate_gates(self.spec, gates)
         out: dict[str, list[float]] = {}

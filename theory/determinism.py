@@ -1,4 +1,4 @@
-"""Theorem 3.1 checks (THEORY.md §4): deterministic optima of ``L(W, ·)`` on the hypercube ``H``.
+"""Theorem 3.1 checks (THEORY §4): deterministic optima of ``L(W, ·)`` on the hypercube ``H``.
 
 For fixed weights ``W`` the objective ``L(W, Θ) = E(W, Θ) + (λ/2)||W||² + C(Θ)``
 of [2.2] is multilinear on ``H = [0,1]^K`` (``E`` is an expectation over

@@ -1,4 +1,4 @@
-"""Lemma 1/2 and integrator-agreement checks (THEORY.md §6-§7), group ``dynamics``.
+"""Lemma 1/2 and integrator-agreement checks (THEORY §6-§7), group ``dynamics``.
 
 * ``lemma1``: on random canonical blocks (§7) and random states in the ball
   ``||W_1||² + ||W_2||² ≤ R²`` (a third of them on the sphere, gates anywhere

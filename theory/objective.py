@@ -1,4 +1,4 @@
-"""The exact objective of a small gated residual MLP: THEORY.md §1–§2, eqs. [1], [2.2], [9]–[12], [19]–[21].
+"""The exact objective of a small gated residual MLP: THEORY §1–§2, eqs. [1], [2.2], [9]–[12], [19]–[21].
 
 For the network of :func:`theory.architectures.residual_mlp` (identity skips,
 ``f = tanh``, ``g`` = ``tanh`` or identity, a linear classifier head)

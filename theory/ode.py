@@ -1,4 +1,4 @@
-"""Integrators for the projected ODE [22] (THEORY.md §6): one trajectory exactly, many at once fast.
+"""Integrators for the projected ODE [22] (THEORY §6): one trajectory exactly, many at once fast.
 
 The projected ODE is ``ẏ = v(y)`` on the weights and ``θ̇ = Π(θ, v)`` on the
 gates, with ``Π`` the coordinate-wise projected field of [22]/[27]

@@ -1,11 +1,11 @@
-"""Structural description of a gated residual network (THEORY.md §1, §3).
+"""Structural description of a gated residual network (THEORY §1, §3).
 
 A :class:`NetworkSpec` is the one object the complexity model consumes.  It is
 built either from architecture hyper-parameters (:mod:`theory.architectures`)
 or read off a live torch model (``pruning`` models expose ``.spec()``); tests
 assert both give the same object.
 
-The network is ``stem -> blocks -> head``.  A :class:`Block` is the seed's
+The network is ``stem -> blocks -> head``.  A :class:`Block` is the paper's
 Figure 1: an input of width ``m`` (the previous block's output), a *path* of
 ``M + 1`` weight layers whose first ``M`` outputs carry unit gates ``ξ_1``
 (``M = 1`` for a basic block or the residual MLP of §1, ``M = 2`` for a
@@ -128,7 +128,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class Block:
-    """One residual block of eq. [1] (seed Figure 1).
+    """One residual block of eq. [1] (paper, Figure 1).
 
     ``path`` holds the ``M + 1`` weight layers of the nonlinear path; the
     outputs of ``path[:-1]`` carry unit gates ``ξ_1`` (one gate vector per
@@ -258,7 +258,7 @@ class NetworkSpec:
 
     @property
     def depth(self) -> int:
-        """Weight layers of the network (stem + alive block paths + head), the seed's "layers left"."""
+        """Weight layers of the network (stem + alive block paths + head), the paper's "layers left"."""
         return len(self.stem) + sum(b.depth for b in self.blocks) + len(self.head)
 
     @property

@@ -1,4 +1,4 @@
-"""Exact symbolic objective and complexity (sympy): THEORY.md §3–§4, eqs. [2.2], [9]–[12], [18], Theorem 3.1 (a).
+"""Exact symbolic objective and complexity (sympy): THEORY §3–§4, eqs. [2.2], [9]–[12], [18], Theorem 3.1 (a).
 
 For tiny networks this module writes
 
