@@ -34,7 +34,7 @@ case "$DEV" in
     TEST_DEVICE=cuda
     GATE_ARGS=(--arch resnet20 resnet1d --batch-cifar 128 --repeats 9 --no-diagnostics)
     COMPACT_ARGS=(--arch resnet20 resnet56 --batch 256 --channels-last on --repeats 7)
-    CAL_ARGS=(--model resnet56)
+    CAL_ARGS=(--model resnet56 --out latency_resnet56.json)
     # 5 x 2560 training images at batch 128: 100 steps per epoch, 3 epochs = 300 steps
     R56_PER_BATCH=2560; R56_TEST=1024; R56_SET=(train.epochs=3 train.batch_size=128 train.eval_batch_size=512
       train.prune_every=20 train.timing_steps=10 train.amp_bf16=true train.channels_last=true)
@@ -44,7 +44,7 @@ case "$DEV" in
     TEST_DEVICE=cpu
     GATE_ARGS=(--arch resnet1d --batch-1d 32 --repeats 3 --warmup 1 --no-diagnostics --threads 1)
     COMPACT_ARGS=(--arch resnet20 --batch 16 --fractions 0.5 --repeats 3 --warmup 1 --threads 1)
-    CAL_ARGS=(--model resnet20)
+    CAL_ARGS=(--model resnet20 --out latency_resnet20.json --quick)
     # ResNet-56 of width 4 at 32x32: 5 x 64 images at batch 32, 10 steps per epoch, 3 epochs
     R56_PER_BATCH=64; R56_TEST=64; R56_SET=(train.epochs=3 train.batch_size=32 train.eval_batch_size=64
       train.prune_every=5 train.timing_steps=3 train.threads=1 "model.kwargs={width = 4}"
@@ -93,7 +93,7 @@ step "gate overhead" "${LIMITS[2]}" "$PY" benchmarks/bench_gate_overhead.py --de
 
 step "compaction speed-up" "${LIMITS[3]}" "$PY" benchmarks/bench_compaction.py --device "$DEV" "${COMPACT_ARGS[@]}"
 
-if "$PY" -m pruning calibrate --help >/dev/null 2>&1; then
+if "$PY" -m pruning calibrate --help >/dev/null 2>&1; then  # the latency model of this device
   step "latency calibration" "${LIMITS[4]}" bash -c 'cd "$1" && shift && "$@"' _ "$OUT" \
     "$PY" -m pruning calibrate "${CAL_ARGS[@]}" --device "$DEV"
 else

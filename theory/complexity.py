@@ -59,7 +59,7 @@ activations and additions).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,31 +153,47 @@ def _latency_terms(
     return [t for t in out if t.coef_t]
 
 
-def _latency_layers(spec: NetworkSpec, lat: LatencyCosts) -> list[Term]:
+def _walk(spec: NetworkSpec, layer: Callable[..., list[Term]], add: Callable[..., list[Term]],
+          act: Callable[..., list[Term]]) -> list[Term]:
+    """The terms of ``spec``, layer by layer: one walk for every cost (FLOPs/parameters, latency).
+
+    ``layer(layer, g_in, g_out, block_gate, label)`` prices a weight layer between two gate groups,
+    ``add(block, g_out, block_gate, label)`` a block's sum (inside ``ξ_B``), ``act(block, g_out, label)``
+    its output activation (outside ``ξ_B``).
+    """
     terms: list[Term] = []
     g_prev = _Group("fixed", width=spec.input_shape[0] if spec.input_shape else 0)
-    for s, layer in enumerate(spec.stem):
-        g_next = _Group("fixed", width=layer.out_width)
-        terms += _latency_terms(lat.layer(layer), g_prev, g_next, None, f"stem.{s}")
+    for s, lay in enumerate(spec.stem):
+        g_next = _Group("fixed", width=lay.out_width)
+        terms += layer(lay, g_prev, g_next, None, f"stem.{s}")
         g_prev = g_next
     for l, block in enumerate(spec.blocks):
         g_out = _Group("out", l, width=block.out_width) if block.out_gated else _Group("fixed", width=block.out_width)
         b = l if block.gated else None
         if block.alive:
             groups = [g_prev] + [_Group("unit", l, j, w) for j, w in enumerate(block.unit_widths)] + [g_out]
-            for j, layer in enumerate(block.path):
-                terms += _latency_terms(lat.layer(layer), groups[j], groups[j + 1], b, f"blocks.{l}.path.{j}")
-            terms += _latency_terms(lat.elementwise("add", block), None, g_out, b, f"blocks.{l}.add")
+            for j, lay in enumerate(block.path):
+                terms += layer(lay, groups[j], groups[j + 1], b, f"blocks.{l}.path.{j}")
+            terms += add(block, g_out, b, f"blocks.{l}.add")
         if block.shortcut_layer is not None:
-            terms += _latency_terms(lat.layer(block.shortcut_layer), g_prev, g_out, None, f"blocks.{l}.shortcut")
+            terms += layer(block.shortcut_layer, g_prev, g_out, None, f"blocks.{l}.shortcut")
         if block.out_act:
-            terms += _latency_terms(lat.elementwise("act", block), None, g_out, None, f"blocks.{l}.out")
+            terms += act(block, g_out, f"blocks.{l}.out")
         g_prev = g_out
-    for h, layer in enumerate(spec.head):
-        g_next = _Group("fixed", width=layer.out_width)
-        terms += _latency_terms(lat.layer(layer), g_prev, g_next, None, f"head.{h}")
+    for h, lay in enumerate(spec.head):
+        g_next = _Group("fixed", width=lay.out_width)
+        terms += layer(lay, g_prev, g_next, None, f"head.{h}")
         g_prev = g_next
     return terms
+
+
+def _latency_layers(spec: NetworkSpec, lat: LatencyCosts) -> list[Term]:
+    return _walk(
+        spec,
+        lambda lay, gi, go, b, label: _latency_terms(lat.layer(lay), gi, go, b, label),
+        lambda block, go, b, label: _latency_terms(lat.elementwise("add", block), None, go, b, label),
+        lambda block, go, label: _latency_terms(lat.elementwise("act", block), None, go, None, label),
+    )
 
 
 def compile_terms(
@@ -193,37 +209,23 @@ def compile_terms(
         terms += _latency_layers(spec, latency)
     for t in terms:  # exactness of E[Π] = Π E: every factor of a term is a distinct, independent group
         gated = [g for g, _ in t.factors if g.kind != "fixed"]
-        assert len(gated) == len(set(gated)), f"term {t.label} holds a gate group twice"
+        if len(gated) != len(set(gated)):
+            raise AssertionError(f"term {t.label} holds a gate group twice")
     return tuple(terms)
 
 
 def _flops_params_terms(spec: NetworkSpec, elementwise: bool) -> list[Term]:
-    terms: list[Term] = []
-    width = spec.input_shape[0] if spec.input_shape else 0
-    g_prev = _Group("fixed", width=width)
-    for s, layer in enumerate(spec.stem):
-        g_next = _Group("fixed", width=layer.out_width)
-        terms += _layer_terms(layer, g_prev, g_next, None, f"stem.{s}", elementwise)
-        g_prev = g_next
-    for l, block in enumerate(spec.blocks):
-        g_out = _Group("out", l, width=block.out_width) if block.out_gated else _Group("fixed", width=block.out_width)
-        b = l if block.gated else None
-        if block.alive:
-            groups = [g_prev] + [_Group("unit", l, j, w) for j, w in enumerate(block.unit_widths)] + [g_out]
-            for j, layer in enumerate(block.path):
-                terms += _layer_terms(layer, groups[j], groups[j + 1], b, f"blocks.{l}.path.{j}", elementwise)
-            if elementwise:  # c_b: the addition of the branch into the skip path, inside ξ_B
-                terms.append(Term(float(block.positions), 0.0, b, ((g_out, 0),), f"blocks.{l}.add"))
-        if block.shortcut_layer is not None:
-            terms += _layer_terms(block.shortcut_layer, g_prev, g_out, None, f"blocks.{l}.shortcut", elementwise)
-        if elementwise and block.out_act:  # c_g: output activation, outside ξ_B
-            terms.append(Term(float(block.positions), 0.0, None, ((g_out, 0),), f"blocks.{l}.out"))
-        g_prev = g_out
-    for h, layer in enumerate(spec.head):
-        g_next = _Group("fixed", width=layer.out_width)
-        terms += _layer_terms(layer, g_prev, g_next, None, f"head.{h}", elementwise)
-        g_prev = g_next
-    return terms
+    def positions(block: Any, go: _Group, b: int | None, label: str) -> list[Term]:
+        # c_b (the addition of the branch into the skip path, inside ξ_B) and c_g (the output
+        # activation, outside ξ_B): element-wise costs, one per position of the block's output
+        return [Term(float(block.positions), 0.0, b, ((go, 0),), label)] if elementwise else []
+
+    return _walk(
+        spec,
+        lambda lay, gi, go, b, label: _layer_terms(lay, gi, go, b, label, elementwise),
+        positions,
+        lambda block, go, label: positions(block, go, None, label),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
