@@ -72,13 +72,22 @@ class ModelCache:
         self._spec: NetworkSpec | None = None
         self._model: ComplexityModel | None = None
         self._compiled: dict[tuple[Coefficients | None, tuple[str, ...] | str], CompiledComplexity] = {}
+        self._deterministic: tuple[float, float] | None = None
 
     def __call__(self, spec: NetworkSpec) -> ComplexityModel:
         if self._model is None or (spec is not self._spec and spec != self._spec):
             self._model = ComplexityModel(spec, elementwise=self.elementwise, latency=self.latency)
             self._spec = spec
             self._compiled = {}
+            self._deterministic = None
         return self._model
+
+    def deterministic(self, spec: NetworkSpec) -> tuple[float, float]:
+        """FLOPs and parameters of ``spec`` with every surviving gate 1 ([9], [10]), computed once per structure."""
+        model = self(spec)
+        if self._deterministic is None:
+            self._deterministic = (float(model.flops()), float(model.params()))
+        return self._deterministic
 
     def compiled(
         self, spec: NetworkSpec, coeffs: Coefficients | None, what: str | tuple[str, ...]
@@ -259,9 +268,8 @@ class CostMeter:
         return _as_tensor(fn(model.block_gates(), dtype=torch.float64), _device_of(model))
 
     def deterministic(self, spec: NetworkSpec) -> tuple[float, float]:
-        """FLOPs and parameters of the deterministic network ``spec`` (all surviving gates 1)."""
-        cm = self.model_for(spec)
-        return float(cm.flops()), float(cm.params())
+        """FLOPs and parameters of the deterministic network ``spec`` (all surviving gates 1; cached per structure)."""
+        return self.model_for.deterministic(spec)
 
     def ratios(self, spec: NetworkSpec) -> tuple[float, float]:
         """``(fPR, pPR)`` of ``spec`` relative to the baseline."""
