@@ -5,12 +5,11 @@ aggregate), the comparison tables of ``experiments/compare.py --runs`` on it, an
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from test_compare import _load as _compare  # experiments/compare.py, loaded once
 
 from pruning.cli import main
 from pruning.config import ConfigError
@@ -28,14 +27,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _compare():
-    name = "experiments_compare"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "compare.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # -- the grid ---------------------------------------------------------------------------------------

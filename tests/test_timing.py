@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_driver import TINY  # the tiny run of tests/test_train.py (prunes in both epochs)
 
 from pruning.config import ConfigError, load_config
 from pruning.report import REPORT_JSON, REPORT_MD
 from pruning.timing import WARMUP_STEPS, summarize
 from pruning.train import Trainer
-
-# a tiny residual MLP on 256 digits that prunes in both epochs (16 iterations per epoch, ε-rule every 3)
-TINY = [
-    "data.name=digits", "data.options.flatten=true", "data.train_subset=256", "data.test_subset=128",
-    "model.arch=residual_mlp", "model.kwargs.hidden=[12, 12, 12]", "model.theta_init=0.5",
-    "objective.gamma=0.01", "objective.delta=0.5", "objective.lambda=1.0",
-    "optim.weights.lr=0.05", "optim.theta.lr=0.05",
-    "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=128", "train.prune_every=3",
-    "train.device=cpu", "train.progress=false", "train.tensorboard=false", "train.threads=1",
-    "export.enabled=false",
-]
 
 
 def test_timing_record_is_present_and_sane(tmp_path: Path) -> None:
